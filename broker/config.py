@@ -1,0 +1,36 @@
+"""Broker settings: one frozen dataclass, filled from the command line or by tests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from protocol import DEFAULT_MAX_FRAME
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BrokerConfig:
+    host: str = "127.0.0.1"
+    port: int = 7878  # 0 picks a free port (tests)
+    users_path: Path = Path("users.json")
+    session_expiry: float = 300.0  # seconds a dropped session lingers
+    queue_limit: int = 10_000  # messages per subscriber queue, unacked deliveries included
+    queue_bytes: int = 64 * 1024 * 1024  # payload bytes per subscriber queue
+    max_frame: int = DEFAULT_MAX_FRAME
+    register_timeout: float = 10.0  # seconds a connection may stay unregistered
+    max_keepalive: int = 65_535
+    outbound_high_water: int = 1 << 20  # bytes buffered per connection before pausing deliveries
+    auth_workers: int = 2  # threads that run bcrypt (it releases the GIL)
+    auth_fail_limit: int = 5  # failures per address within auth_fail_window before rate_limited
+    auth_fail_window: float = 60.0
+    log_format: str = "console"  # json | console
+
+    def __post_init__(self) -> None:
+        if self.session_expiry <= 0:
+            raise ValueError("session_expiry must be > 0")
+        if self.queue_limit < 1:
+            raise ValueError("queue_limit must be >= 1")
+        if self.max_frame < 64:
+            raise ValueError("max_frame must be >= 64 bytes")
+        if self.log_format not in ("json", "console"):
+            raise ValueError("log_format must be json or console")

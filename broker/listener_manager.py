@@ -1,0 +1,112 @@
+"""ListenerManager: owns the listening socket and spawns one Listener per connection."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from broker.listener import Listener
+from broker.loop_actor import LoopActor
+from broker.messages import GetStats, ListenerClosed
+from broker.netedge import Connection, ConnectionHandler
+
+_log = structlog.get_logger("tether.listeners")
+
+LISTEN_BACKLOG = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class StartListening:
+    host: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class StopListening:
+    pass
+
+
+class ListenerManager(LoopActor):
+    resume_after_failure = True
+
+    def __init__(
+        self,
+        loop: Any,
+        loop_thread: int,
+        *,
+        supervisor: Any,
+        session_manager: Any,
+        subscriber_manager: Any,
+        max_frame: int,
+        register_timeout: float,
+        high_water: int,
+    ) -> None:
+        super().__init__(loop, loop_thread)
+        self._supervisor = supervisor
+        self._session_manager = session_manager
+        self._subscribers = subscriber_manager
+        self._max_frame = max_frame
+        self._register_timeout = register_timeout
+        self._high_water = high_water
+        self._conn_ids = itertools.count(1)
+        self._listeners: dict[int, Any] = {}
+        self._server: asyncio.Server | None = None
+        self.accepted = 0
+
+    def on_receive(self, message: Any) -> Any:
+        match message:
+            case StartListening(host, port):
+                # Answered with a future the caller (outside the loop) waits on.
+                return asyncio.run_coroutine_threadsafe(self._listen(host, port), self.loop)
+            case StopListening():
+                if self._server is not None:
+                    self._server.close()
+                    self._server = None
+                for ref in list(self._listeners.values()):
+                    ref.stop(block=False)
+                self._listeners.clear()
+            case ListenerClosed(conn_id):
+                self._listeners.pop(conn_id, None)
+            case GetStats():
+                return {"connections": len(self._listeners), "accepted": self.accepted}
+            case _:
+                return super().on_receive(message)
+        return None
+
+    async def _listen(self, host: str, port: int) -> tuple[str, int]:
+        self._server = await self.loop.create_server(
+            self._new_connection, host, port, backlog=LISTEN_BACKLOG, reuse_address=True
+        )
+        sockname = self._server.sockets[0].getsockname()
+        _log.info("listening", host=sockname[0], port=sockname[1])
+        return sockname[0], sockname[1]
+
+    def _new_connection(self) -> Connection:
+        return Connection(self.loop, make_handler=self._spawn, high_water=self._high_water)
+
+    def _spawn(self, link: Connection) -> ConnectionHandler:
+        conn_id = next(self._conn_ids)
+        self.accepted += 1
+        listener = Listener(
+            self.loop,
+            self._loop_thread,
+            link=link,
+            conn_id=conn_id,
+            supervisor=self._supervisor,
+            session_manager=self._session_manager,
+            subscriber_manager=self._subscribers,
+            listener_manager=self.actor_ref,
+            max_frame=self._max_frame,
+            register_timeout=self._register_timeout,
+        )
+        # Started by hand rather than by `Listener.start()`: the connection needs the object
+        # itself as its handler (both run on this loop thread), and `start()` returns a ref.
+        # Nor is it put in pykka's registry, whose removal is a list scan: this manager keeps
+        # the listeners, for shutdown.
+        listener._start_actor_loop()
+        self._listeners[conn_id] = listener.actor_ref
+        return listener

@@ -1,0 +1,151 @@
+"""Pykka actors that share one asyncio event loop instead of owning a thread each.
+
+Theory of operation: pykka's `Actor` leaves the inbox, the future and the run loop to
+subclasses. A `LoopActor`'s inbox is a deque plus a "scheduled" flag; `put` appends and, when
+the actor is not already scheduled, schedules one drain callback on the shared loop
+(`call_soon` from the loop's own thread, `call_soon_threadsafe` from any other). The drain
+handles a bounded batch of envelopes and yields back to the loop, so sockets and timers keep
+turning. All actors on one loop run on one thread: an actor's state is only ever touched by
+that thread, and asyncio protocol callbacks of a connection actor run there too, so they count
+as the actor's own events. A tell between loop actors is a deque append, not a thread wake.
+
+Futures are pykka's `ThreadingFuture`, so code outside the loop (start-up, CLI, tests) can
+`ask(...).get()`. Actors on the loop must never block on a future: they only `tell`.
+
+Supervision: an exception while handling a `tell` stops the actor and calls `on_failure`
+(pykka's default), unless the class sets `resume_after_failure = True`, in which case the
+failure is logged with the message that caused it and the actor carries on with the next one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+from collections import deque
+from typing import Any, ClassVar
+
+import pykka
+import structlog
+from pykka import ActorDeadError, ActorRef
+from pykka._envelope import Envelope
+
+_log = structlog.get_logger("tether.actor")
+
+# Envelopes handled per drain before giving the loop back to I/O.
+_DRAIN_BATCH = 256
+
+
+class LoopInbox:
+    """The inbox of one `LoopActor`: thread-safe to `put` into, drained on the loop."""
+
+    __slots__ = ("_actor", "_loop", "_loop_thread", "_queue", "_scheduled")
+
+    def __init__(self, actor: LoopActor, loop: asyncio.AbstractEventLoop, loop_thread: int) -> None:
+        self._actor = actor
+        self._loop = loop
+        self._loop_thread = loop_thread
+        self._queue: deque[Envelope[Any]] = deque()
+        self._scheduled = False
+
+    def put(self, envelope: Envelope[Any], /) -> None:
+        self._queue.append(envelope)
+        if self._scheduled:
+            return
+        self._scheduled = True
+        if threading.get_ident() == self._loop_thread:
+            self._loop.call_soon(self._drain)
+        else:
+            try:
+                self._loop.call_soon_threadsafe(self._drain)
+            except RuntimeError:
+                # The loop is closed: the broker is shutting down, nobody will read this.
+                self._scheduled = False
+
+    def get(self) -> Envelope[Any]:
+        return self._queue.popleft()
+
+    def empty(self) -> bool:
+        return not self._queue
+
+    def _drain(self) -> None:
+        queue = self._queue
+        actor = self._actor
+        for _ in range(_DRAIN_BATCH):
+            if not queue or actor.actor_stopped.is_set():
+                break
+            actor._handle_envelope(queue.popleft())
+        if actor.actor_stopped.is_set():
+            self._scheduled = False
+            actor._actor_loop_teardown()
+            return
+        if queue:
+            self._loop.call_soon(self._drain)
+            return
+        # Clear the flag before the last look, so a put racing from another thread either sees
+        # the flag down and schedules, or lands before the look and is drained now.
+        self._scheduled = False
+        if queue and not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._drain)
+
+
+class LoopActor(pykka.Actor):
+    """A pykka actor whose messages are handled on a shared asyncio loop."""
+
+    resume_after_failure: ClassVar[bool] = False
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, loop_thread: int) -> None:
+        self.loop = loop
+        self._loop_thread = loop_thread
+        super().__init__()
+
+    def _create_actor_inbox(self) -> LoopInbox:  # type: ignore[override]
+        return LoopInbox(self, self.loop, self._loop_thread)
+
+    @staticmethod
+    def _create_future() -> pykka.Future[Any]:
+        return pykka.ThreadingFuture()
+
+    def _start_actor_loop(self) -> None:
+        if threading.get_ident() == self._loop_thread:
+            self.loop.call_soon(self._actor_loop_setup)
+        else:
+            self.loop.call_soon_threadsafe(self._actor_loop_setup)
+
+    def _handle_envelope(self, envelope: Envelope[Any]) -> None:
+        try:
+            response = self._handle_receive(envelope.message)
+            if envelope.reply_to is not None:
+                envelope.reply_to.set(response)
+        except Exception:
+            if envelope.reply_to is not None:
+                envelope.reply_to.set_exception()
+            elif self.resume_after_failure:
+                _log.exception(
+                    "actor_message_failed",
+                    actor=type(self).__name__,
+                    message=type(envelope.message).__name__,
+                )
+            else:
+                exc_info = sys.exc_info()
+                self._handle_failure(*exc_info)
+                try:
+                    self.on_failure(*exc_info)
+                except Exception:
+                    self._handle_failure(*sys.exc_info())
+
+
+def tell(ref: ActorRef[Any] | None, message: Any) -> bool:
+    """Tell `ref`, if it is still alive. Returns whether the message was posted.
+
+    A dead recipient is a normal event here (a connection closed while a reply was in flight);
+    the caller decides whether that matters.
+    """
+    if ref is None:
+        return False
+    try:
+        ref.tell(message)
+    except ActorDeadError:
+        return False
+    return True

@@ -1,0 +1,144 @@
+"""Messages the broker's actors send each other. All frozen: pykka does not copy messages."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pykka import ActorRef
+
+from protocol import ClientFrame, ErrorCode, Register
+
+
+@dataclass(frozen=True, slots=True)
+class ConnHandle:
+    """One connection's identity: `conn_id` is unique for the broker's life, so an event that
+    names a replaced connection can always be told apart from the one that replaced it."""
+
+    conn_id: int
+    ref: ActorRef[Any]
+    peer: str
+
+
+# Listener -> BrokerSupervisor
+@dataclass(frozen=True, slots=True)
+class RegisterRequest:
+    frame: Register
+    conn: ConnHandle
+
+
+# BrokerSupervisor -> SessionManager (authenticated is False for a resume: the token decides)
+@dataclass(frozen=True, slots=True)
+class OpenSession:
+    frame: Register
+    conn: ConnHandle
+    authenticated: bool
+
+
+# SessionManager/BrokerSupervisor -> Listener
+@dataclass(frozen=True, slots=True)
+class RegisterRejected:
+    req: int
+    code: ErrorCode
+    message: str
+
+
+# SessionManager -> Listener of a session's previous connection
+@dataclass(frozen=True, slots=True)
+class TakenOver:
+    session_id: str
+
+
+# SessionManager -> SubscriberManager: bind the session to `conn`, answer `registered`, drain.
+@dataclass(frozen=True, slots=True)
+class Attach:
+    session_id: str
+    client_id: str
+    conn: ConnHandle
+    req: int
+    resume_token: str
+    resumed: bool
+    keepalive: int
+    expiry: int
+
+
+# SubscriberManager -> Listener: registration done; `registered` is the encoded frame.
+@dataclass(frozen=True, slots=True)
+class SessionAttached:
+    session_id: str
+    client_id: str
+    keepalive: int
+    registered: bytes
+
+
+# Listener -> SubscriberManager: every frame after registration, in order, one batch per read.
+@dataclass(frozen=True, slots=True)
+class SessionOps:
+    session_id: str
+    conn: ConnHandle
+    ops: tuple[ClientFrame, ...]
+
+
+# SubscriberManager -> Listener: bytes to write. `credit` is how many of them were deliveries,
+# to be handed back (as `Credit`) once the socket has taken them. `close` ends the connection
+# after the write (unregister).
+@dataclass(frozen=True, slots=True)
+class Outbound:
+    data: bytes
+    credit: int = 0
+    close: bool = False
+
+
+# Listener -> SubscriberManager: the socket took `nbytes` of deliveries; send more.
+@dataclass(frozen=True, slots=True)
+class Credit:
+    session_id: str
+    conn_id: int
+    nbytes: int
+
+
+# Listener -> SessionManager
+@dataclass(frozen=True, slots=True)
+class ConnectionLost:
+    session_id: str
+    conn_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    session_id: str
+    conn_id: int
+    status: str | None
+    details: dict[str, Any] | None
+
+
+# SessionManager -> SubscriberManager
+@dataclass(frozen=True, slots=True)
+class Detach:
+    session_id: str
+    conn_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class DropSession:
+    session_id: str
+    reason: str
+
+
+# SubscriberManager -> SessionManager: the client unregistered on `conn_id`.
+@dataclass(frozen=True, slots=True)
+class EndSession:
+    session_id: str
+    conn_id: int
+
+
+# Listener -> ListenerManager
+@dataclass(frozen=True, slots=True)
+class ListenerClosed:
+    conn_id: int
+
+
+# Anyone -> any manager: a snapshot of counters, for `ask` from outside the loop.
+@dataclass(frozen=True, slots=True)
+class GetStats:
+    pass

@@ -1,0 +1,154 @@
+"""The network edge: the only code that touches sockets.
+
+`Connection` is the asyncio protocol of one TCP connection. It owns the transport, the idle
+and registration timers, the outbound high-water mark and the bounded close. What happens to
+the bytes is the business of a `ConnectionHandler` (the Listener actor), reached through the
+small `ConnectionHandler` protocol, so handlers are testable without sockets, and the handler
+talks back through the equally small `Link` protocol.
+
+Everything here runs on the broker's event loop thread, as do the handlers' message handling:
+the handler's state is only ever touched by that thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Protocol
+
+import structlog
+
+_log = structlog.get_logger("tether.net")
+
+# A connection asked to close with unsent data gets this long to flush before it is cut.
+CLOSE_GRACE = 5.0
+
+
+class ConnectionHandler(Protocol):
+    def on_data(self, data: bytes) -> None: ...
+    def on_writable(self, writable: bool) -> None: ...
+    def on_idle_timeout(self) -> None: ...
+    def on_closed(self, exc: Exception | None) -> None: ...
+
+
+class Link(Protocol):
+    """What a handler may do to its connection."""
+
+    peer: str
+
+    def write(self, data: bytes) -> None: ...
+    def close(self) -> None: ...
+    def set_idle_timeout(self, seconds: float | None) -> None: ...
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+
+    @property
+    def writable(self) -> bool: ...
+
+
+class Connection(asyncio.Protocol):
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        make_handler: Callable[[Connection], ConnectionHandler],
+        high_water: int,
+    ) -> None:
+        self._loop = loop
+        self._make_handler = make_handler
+        self._high_water = high_water
+        self._transport: asyncio.Transport | None = None
+        self._handler: ConnectionHandler | None = None
+        self._idle_timeout: float | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._last_rx = 0.0
+        self._writable = True
+        self._closing = False
+        self.peer = "?"
+
+    # --- asyncio callbacks ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        transport.set_write_buffer_limits(high=self._high_water, low=self._high_water // 4)
+        peername = transport.get_extra_info("peername")
+        if isinstance(peername, tuple) and len(peername) >= 2:
+            self.peer = f"{peername[0]}:{peername[1]}"
+        self._last_rx = self._loop.time()
+        self._handler = self._make_handler(self)
+
+    def data_received(self, data: bytes) -> None:
+        self._last_rx = self._loop.time()
+        if self._handler is not None and not self._closing:
+            self._handler.on_data(data)
+
+    def eof_received(self) -> bool:
+        return False  # close our side too: a half-open session is of no use
+
+    def pause_writing(self) -> None:
+        self._writable = False
+        if self._handler is not None:
+            self._handler.on_writable(False)
+
+    def resume_writing(self) -> None:
+        self._writable = True
+        if self._handler is not None:
+            self._handler.on_writable(True)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        handler, self._handler = self._handler, None
+        if handler is not None:
+            handler.on_closed(exc)
+
+    # --- the Link the handler uses -------------------------------------------------------
+
+    @property
+    def writable(self) -> bool:
+        return self._writable
+
+    def write(self, data: bytes) -> None:
+        if self._transport is not None and not self._closing:
+            self._transport.write(data)
+
+    def close(self) -> None:
+        if self._closing or self._transport is None:
+            return
+        self._closing = True
+        transport = self._transport
+        transport.close()
+        # A peer that never reads would hold a closing connection open forever.
+        self._loop.call_later(CLOSE_GRACE, transport.abort)
+
+    def set_idle_timeout(self, seconds: float | None) -> None:
+        self._idle_timeout = seconds
+        self._last_rx = self._loop.time()
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        if seconds is not None and not self._closing:
+            self._idle_timer = self._loop.call_later(seconds, self._check_idle)
+
+    def pause_reading(self) -> None:
+        if self._transport is not None and not self._closing:
+            self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._transport is not None and not self._closing:
+            self._transport.resume_reading()
+
+    def _check_idle(self) -> None:
+        self._idle_timer = None
+        timeout = self._idle_timeout
+        if timeout is None or self._closing:
+            return
+        # One timer per connection, re-armed for the remainder: no timer churn per read.
+        remaining = self._last_rx + timeout - self._loop.time()
+        if remaining > 0:
+            self._idle_timer = self._loop.call_later(remaining, self._check_idle)
+        elif self._handler is not None:
+            self._handler.on_idle_timeout()

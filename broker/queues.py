@@ -1,0 +1,95 @@
+"""One subscription's dead-letter queue: pure data, no I/O, no actors.
+
+Theory of operation: every message published to the subscription gets the next `seq` and goes
+to `pending`. Sending moves it to `unacked`; a cumulative ack removes it from `unacked`. The two
+deques together hold a contiguous run of seqs (drops and acks only ever take the oldest), and
+that run is what the bound counts. When the connection goes away, `unacked` is put back in
+front of `pending` and remembered in `redeliver_upto`: sending those again flags them
+`redelivered`, with their original seq, before anything newer. Order is therefore the queue's
+order on every connection, and live traffic never overtakes a drain.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import NamedTuple
+
+
+class Entry(NamedTuple):
+    seq: int
+    payload: bytes
+
+
+class SubscriptionQueue:
+    __slots__ = (
+        "bytes",
+        "dropped_away",
+        "dropped_live",
+        "max_bytes",
+        "max_count",
+        "next_seq",
+        "pending",
+        "redeliver_upto",
+        "topic",
+        "unacked",
+    )
+
+    def __init__(self, topic: str, *, max_count: int, max_bytes: int, next_seq: int = 1) -> None:
+        self.topic = topic
+        self.max_count = max_count
+        self.max_bytes = max_bytes
+        self.next_seq = next_seq
+        self.pending: deque[Entry] = deque()
+        self.unacked: deque[Entry] = deque()
+        self.bytes = 0
+        self.redeliver_upto = 0
+        self.dropped_live = 0  # overflow while connected, not yet told to the client
+        self.dropped_away = 0  # overflow while disconnected, told in `registered.dropped`
+
+    def __len__(self) -> int:
+        return len(self.pending) + len(self.unacked)
+
+    def push(self, payload: bytes, *, connected: bool) -> int:
+        """Queue one message; returns how many of the oldest were dropped to make room."""
+        self.pending.append(Entry(self.next_seq, payload))
+        self.next_seq += 1
+        self.bytes += len(payload)
+        dropped = 0
+        # A single message larger than the byte bound is still kept: it is the newest.
+        while len(self) > self.max_count or (self.bytes > self.max_bytes and len(self) > 1):
+            oldest = self.unacked.popleft() if self.unacked else self.pending.popleft()
+            self.bytes -= len(oldest.payload)
+            dropped += 1
+        if dropped:
+            if connected:
+                self.dropped_live += dropped
+            else:
+                self.dropped_away += dropped
+        return dropped
+
+    def ack(self, seq: int) -> int:
+        """Cumulative ack of every sent delivery up to `seq`; returns how many were removed."""
+        removed = 0
+        unacked = self.unacked
+        while unacked and unacked[0].seq <= seq:
+            self.bytes -= len(unacked.popleft().payload)
+            removed += 1
+        return removed
+
+    def take(self) -> Entry | None:
+        """The next message to send, now counted as sent and unacked."""
+        if not self.pending:
+            return None
+        entry = self.pending.popleft()
+        self.unacked.append(entry)
+        return entry
+
+    def requeue_unacked(self) -> None:
+        """The connection is gone: what it was sent and did not ack goes out again first."""
+        if self.unacked:
+            self.redeliver_upto = max(self.redeliver_upto, self.unacked[-1].seq)
+            self.pending.extendleft(reversed(self.unacked))
+            self.unacked.clear()
+
+    def is_redelivery(self, seq: int) -> bool:
+        return seq <= self.redeliver_upto

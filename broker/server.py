@@ -1,0 +1,132 @@
+"""Assembles and runs a broker: one event loop thread, the actors on it, and the auth pool."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+from typing import Any
+
+import pykka.debug
+import structlog
+
+from broker.config import BrokerConfig
+from broker.listener_manager import ListenerManager, StartListening, StopListening
+from broker.messages import GetStats
+from broker.ratelimit import FailureLimiter
+from broker.sessions import SessionManager
+from broker.subscribers import SubscriberManager
+from broker.supervisor import BrokerSupervisor
+from broker.users import UserStore
+
+_log = structlog.get_logger("tether.server")
+
+
+class Broker:
+    """A running broker. `start()` returns the address it listens on; `stop()` ends it."""
+
+    def __init__(self, config: BrokerConfig, *, users: UserStore | None = None) -> None:
+        self.config = config
+        self._users = users
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._refs: dict[str, Any] = {}
+        self.address: tuple[str, int] | None = None
+
+    def start(self) -> tuple[str, int]:
+        config = self.config
+        users = self._users if self._users is not None else UserStore.load(config.users_path)
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_forever, name="tether-loop", daemon=True)
+        thread.start()
+        assert thread.ident is not None
+        self._loop, self._thread = loop, thread
+        on_loop = (loop, thread.ident)
+        subscribers = SubscriberManager.start(
+            *on_loop,
+            queue_limit=config.queue_limit,
+            queue_bytes=config.queue_bytes,
+            outbound_high_water=config.outbound_high_water,
+        )
+        sessions = SessionManager.start(
+            *on_loop, subscriber_manager=subscribers, session_expiry=config.session_expiry
+        )
+        subscribers.proxy().set_session_manager(sessions).get()
+        supervisor = BrokerSupervisor.start(
+            *on_loop,
+            users=users,
+            session_manager=sessions,
+            auth_workers=config.auth_workers,
+            limiter=FailureLimiter(limit=config.auth_fail_limit, window=config.auth_fail_window),
+        )
+        listeners = ListenerManager.start(
+            *on_loop,
+            supervisor=supervisor,
+            session_manager=sessions,
+            subscriber_manager=subscribers,
+            max_frame=config.max_frame,
+            register_timeout=config.register_timeout,
+            high_water=config.outbound_high_water,
+        )
+        self._refs = {
+            "listeners": listeners,
+            "supervisor": supervisor,
+            "sessions": sessions,
+            "subscribers": subscribers,
+        }
+        future = listeners.ask(StartListening(config.host, config.port))
+        self.address = future.result(timeout=10)
+        return self.address
+
+    def stats(self) -> dict[str, Any]:
+        merged: dict[str, Any] = {}
+        for ref in self._refs.values():
+            merged.update(ref.ask(GetStats(), timeout=10))
+        return merged
+
+    def stop(self) -> None:
+        if self._loop is None:
+            return
+        listeners = self._refs.get("listeners")
+        if listeners is not None:
+            listeners.ask(StopListening(), timeout=10)
+        for ref in self._refs.values():
+            ref.stop(timeout=10)
+        loop, thread = self._loop, self._thread
+        loop.call_soon_threadsafe(loop.stop)
+        if thread is not None:
+            thread.join(timeout=10)
+        if not loop.is_running():
+            loop.close()
+        self._loop = None
+        self._refs = {}
+
+    def __enter__(self) -> Broker:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def serve(config: BrokerConfig) -> int:
+    """Run a broker until SIGINT or SIGTERM. The command line's `tether serve`."""
+    signal.signal(signal.SIGUSR1, pykka.debug.log_thread_tracebacks)
+    stopping = threading.Event()
+
+    def request_stop(signum: int, _frame: object) -> None:
+        _log.info("stopping", signal=signal.Signals(signum).name)
+        stopping.set()
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    broker = Broker(config)
+    host, port = broker.start()
+    _log.info("broker_started", host=host, port=port, users=str(config.users_path),
+              session_expiry=config.session_expiry, queue_limit=config.queue_limit,
+              max_frame=config.max_frame)
+    while not stopping.wait(1.0):
+        pass
+    broker.stop()
+    _log.info("broker_stopped")
+    return 0

@@ -1,0 +1,237 @@
+"""SessionManager: creates, reclaims, takes over and expires sessions.
+
+Theory of operation: a session belongs to one `client_id` and one user, and is bound to at most
+one connection at a time, named by its `conn_id`. Every event that names a connection (a lost
+connection, a heartbeat, an unregister) is checked against the session's current `conn_id`, so
+a late event from a replaced connection never touches its successor. Binding a new connection
+(create, resume, takeover) goes to the SubscriberManager as `Attach`, which answers
+`registered` and drains the queues; the SessionManager itself never waits on anyone.
+
+A session without a connection has one cleanup timer. Each timer carries the session's
+`generation`, bumped whenever the session is rebound, so a timer that fires after a resume is
+recognised as stale and ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from broker.loop_actor import LoopActor, tell
+from broker.messages import (
+    Attach,
+    ConnectionLost,
+    ConnHandle,
+    Detach,
+    DropSession,
+    EndSession,
+    GetStats,
+    Heartbeat,
+    OpenSession,
+    RegisterRejected,
+    TakenOver,
+)
+from protocol import ErrorCode, Register
+
+_log = structlog.get_logger("tether.sessions")
+
+
+@dataclass(slots=True)
+class Session:
+    session_id: str
+    client_id: str
+    username: str
+    resume_token: str
+    keepalive: int
+    metadata: dict[str, Any]
+    conn: ConnHandle | None
+    generation: int = 0
+    timer: asyncio.TimerHandle | None = None
+    health: str | None = None
+    health_details: dict[str, Any] | None = None
+    created: float = field(default_factory=time.time)
+    last_seen: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True, slots=True)
+class _Expire:
+    session_id: str
+    generation: int
+
+
+def _new_id() -> str:
+    return secrets.token_urlsafe(16)
+
+
+class SessionManager(LoopActor):
+    resume_after_failure = True
+
+    def __init__(
+        self, loop: Any, loop_thread: int, *, subscriber_manager: Any, session_expiry: float
+    ) -> None:
+        super().__init__(loop, loop_thread)
+        self._subscribers = subscriber_manager
+        self._expiry = session_expiry
+        self._sessions: dict[str, Session] = {}
+        self._by_client: dict[str, str] = {}
+        self.expired = 0
+
+    def on_receive(self, message: Any) -> Any:
+        match message:
+            case OpenSession():
+                self._on_open(message)
+            case ConnectionLost(session_id, conn_id):
+                session = self._current(session_id, conn_id)
+                if session is not None:
+                    session.conn = None
+                    session.last_seen = time.time()
+                    self._arm_timer(session)
+                    tell(self._subscribers, Detach(session_id, conn_id))
+                    _log.info("session_disconnected", session_id=session_id,
+                              client_id=session.client_id, expires_in=self._expiry)
+            case Heartbeat(session_id, conn_id, status, details):
+                session = self._current(session_id, conn_id)
+                if session is not None:
+                    session.last_seen = time.time()
+                    if status is not None and status != session.health:
+                        _log.info("session_health", session_id=session_id,
+                                  client_id=session.client_id, status=status, was=session.health)
+                    if status is not None:
+                        session.health = status
+                    if details is not None:
+                        session.health_details = details
+            case EndSession(session_id, conn_id):
+                session = self._current(session_id, conn_id)
+                if session is not None:
+                    self._remove(session, "unregistered")
+            case _Expire(session_id, generation):
+                session = self._sessions.get(session_id)
+                if session is not None and session.generation == generation and session.conn is None:
+                    self.expired += 1
+                    self._remove(session, "expired")
+            case GetStats():
+                return {
+                    "sessions": len(self._sessions),
+                    "connected": sum(1 for s in self._sessions.values() if s.conn is not None),
+                    "expired": self.expired,
+                }
+            case _:
+                return super().on_receive(message)
+        return None
+
+    def _current(self, session_id: str, conn_id: int) -> Session | None:
+        session = self._sessions.get(session_id)
+        if session is None or session.conn is None or session.conn.conn_id != conn_id:
+            return None
+        return session
+
+    def _on_open(self, msg: OpenSession) -> None:
+        frame = msg.frame
+        if frame.session_id is not None:
+            self._resume(frame, msg.conn)
+        elif msg.authenticated:
+            self._create(frame, msg.conn)
+        else:
+            # Only the supervisor opens sessions; a fresh one it did not authenticate is a bug.
+            raise RuntimeError("fresh registration reached the SessionManager unauthenticated")
+
+    def _resume(self, frame: Register, conn: ConnHandle) -> None:
+        assert frame.session_id is not None and frame.resume_token is not None
+        session = self._sessions.get(frame.session_id)
+        if (
+            session is None
+            or session.client_id != frame.client_id
+            or session.username != frame.username
+            or not hmac.compare_digest(session.resume_token, frame.resume_token)
+        ):
+            tell(conn.ref, RegisterRejected(frame.req, ErrorCode.UNKNOWN_SESSION,
+                 "no such session (expired, ended, or wrong token): register afresh"))
+            return
+        if session.conn is not None:
+            tell(session.conn.ref, TakenOver(session.session_id))
+            _log.info("session_taken_over", session_id=session.session_id,
+                      client_id=session.client_id, by="resume")
+        session.keepalive = frame.keepalive
+        if frame.metadata:
+            session.metadata = frame.metadata
+        self._bind(session, conn, resumed=True, req=frame.req)
+
+    def _create(self, frame: Register, conn: ConnHandle) -> None:
+        existing_id = self._by_client.get(frame.client_id)
+        if existing_id is not None:
+            existing = self._sessions[existing_id]
+            if existing.username != frame.username:
+                tell(conn.ref, RegisterRejected(frame.req, ErrorCode.CONFLICT,
+                     f"client_id {frame.client_id!r} belongs to another user's session"))
+                return
+            if not frame.takeover:
+                tell(conn.ref, RegisterRejected(frame.req, ErrorCode.CONFLICT,
+                     f"client_id {frame.client_id!r} already has a session: resume it with its "
+                     "session_id and resume_token, or register with takeover=true to end it"))
+                return
+            if existing.conn is not None:
+                tell(existing.conn.ref, TakenOver(existing.session_id))
+            _log.info("session_taken_over", session_id=existing.session_id,
+                      client_id=existing.client_id, by="takeover")
+            self._remove(existing, "taken_over")
+        session = Session(
+            session_id=_new_id(),
+            client_id=frame.client_id,
+            username=frame.username,
+            resume_token="",
+            keepalive=frame.keepalive,
+            metadata=frame.metadata,
+            conn=None,
+        )
+        self._sessions[session.session_id] = session
+        self._by_client[session.client_id] = session.session_id
+        self._bind(session, conn, resumed=False, req=frame.req)
+
+    def _bind(self, session: Session, conn: ConnHandle, *, resumed: bool, req: int) -> None:
+        if session.timer is not None:
+            session.timer.cancel()
+            session.timer = None
+        session.generation += 1
+        session.conn = conn
+        session.last_seen = time.time()
+        # A new token at every bind: a token seen on a dropped connection stops working.
+        session.resume_token = secrets.token_urlsafe(24)
+        tell(self._subscribers, Attach(
+            session_id=session.session_id,
+            client_id=session.client_id,
+            conn=conn,
+            req=req,
+            resume_token=session.resume_token,
+            resumed=resumed,
+            keepalive=session.keepalive,
+            expiry=round(self._expiry),
+        ))
+        _log.info("session_resumed" if resumed else "session_registered",
+                  session_id=session.session_id, client_id=session.client_id,
+                  username=session.username, peer=conn.peer, keepalive=session.keepalive,
+                  metadata=session.metadata or None)
+
+    def _arm_timer(self, session: Session) -> None:
+        if session.timer is not None:
+            session.timer.cancel()
+        session.generation += 1
+        expire = _Expire(session.session_id, session.generation)
+        ref = self.actor_ref
+        session.timer = self.loop.call_later(self._expiry, lambda: tell(ref, expire))
+
+    def _remove(self, session: Session, reason: str) -> None:
+        if session.timer is not None:
+            session.timer.cancel()
+            session.timer = None
+        self._sessions.pop(session.session_id, None)
+        if self._by_client.get(session.client_id) == session.session_id:
+            del self._by_client[session.client_id]
+        tell(self._subscribers, DropSession(session.session_id, reason))
+        _log.info("session_ended", session_id=session.session_id, client_id=session.client_id,
+                  reason=reason)

@@ -1,0 +1,280 @@
+"""SubscriberManager: subscriptions, their dead-letter queues, and delivery.
+
+Theory of operation: this actor is the data path. A Listener sends it every frame that follows
+registration as one `SessionOps` batch per socket read, so a publish costs one inbox hop per
+read rather than per message, and answers to one connection leave in the order its frames
+came. Publishing appends to each subscriber's `SubscriptionQueue`; at the end of the batch each
+touched session that is attached gets what its queues have pending, encoded into one
+`Outbound` per connection.
+
+Flow control is by credit: a session may have at most `outbound_high_water` bytes of deliveries
+handed to its Listener and not yet taken by the socket. Past that, messages wait in the queue
+(bounded, oldest dropped and counted), so a slow consumer costs bounded memory. The Listener
+gives credit back as its socket drains.
+
+Resume: `Attach` puts back what the previous connection was sent and did not ack, answers
+`registered` and drains the queues before anything live, since live messages go through the
+same queues behind them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from broker.loop_actor import LoopActor, tell
+from broker.messages import (
+    Attach,
+    ConnHandle,
+    Credit,
+    Detach,
+    DropSession,
+    EndSession,
+    GetStats,
+    Outbound,
+    SessionAttached,
+    SessionOps,
+)
+from broker.queues import SubscriptionQueue
+from protocol import (
+    Ack,
+    Dropped,
+    Ok,
+    Ping,
+    Pong,
+    Publish,
+    Registered,
+    Subscribe,
+    Unregister,
+    Unsubscribe,
+    encode,
+    encode_deliver,
+)
+
+_log = structlog.get_logger("tether.subscribers")
+
+
+@dataclass(slots=True)
+class SessionSubs:
+    client_id: str
+    conn: ConnHandle | None
+    credit: int
+    queues: dict[str, SubscriptionQueue] = field(default_factory=dict)
+    # Seq counters outlive an unsubscribe: a topic subscribed again continues its numbering.
+    next_seqs: dict[str, int] = field(default_factory=dict)
+
+
+class SubscriberManager(LoopActor):
+    resume_after_failure = True
+
+    def __init__(
+        self,
+        loop: Any,
+        loop_thread: int,
+        *,
+        queue_limit: int,
+        queue_bytes: int,
+        outbound_high_water: int,
+    ) -> None:
+        super().__init__(loop, loop_thread)
+        self._queue_limit = queue_limit
+        self._queue_bytes = queue_bytes
+        self._high_water = outbound_high_water
+        self._sessions: dict[str, SessionSubs] = {}
+        self._by_topic: dict[str, dict[str, SubscriptionQueue]] = {}
+        self._session_manager: Any = None
+        self.published = 0
+        self.delivered = 0
+        self.dropped = 0
+
+    def set_session_manager(self, ref: Any) -> None:
+        # The two managers know each other; one of them has to learn the other's ref after start.
+        self._session_manager = ref
+
+    def on_receive(self, message: Any) -> Any:
+        match message:
+            case SessionOps():
+                self._on_ops(message)
+            case Credit(session_id, conn_id, nbytes):
+                subs = self._sessions.get(session_id)
+                if subs is not None and subs.conn is not None and subs.conn.conn_id == conn_id:
+                    subs.credit += nbytes
+                    self._flush_one(subs)
+            case Attach():
+                self._on_attach(message)
+            case Detach(session_id, conn_id):
+                subs = self._sessions.get(session_id)
+                if subs is not None and subs.conn is not None and subs.conn.conn_id == conn_id:
+                    self._detach(subs)
+            case DropSession(session_id, reason):
+                self._drop(session_id, reason)
+            case GetStats():
+                return {
+                    "subscriber_sessions": len(self._sessions),
+                    "topics": len(self._by_topic),
+                    "published": self.published,
+                    "delivered": self.delivered,
+                    "dropped": self.dropped,
+                    "queued": sum(
+                        len(q) for s in self._sessions.values() for q in s.queues.values()
+                    ),
+                }
+            case _:
+                return super().on_receive(message)
+        return None
+
+    # --- registration -------------------------------------------------------------------
+
+    def _on_attach(self, msg: Attach) -> None:
+        subs = self._sessions.get(msg.session_id)
+        if subs is None:
+            subs = SessionSubs(client_id=msg.client_id, conn=None, credit=0)
+            self._sessions[msg.session_id] = subs
+        elif subs.conn is not None:
+            # Resumed over a connection that is still open: it has been told `taken_over`.
+            self._detach(subs)
+        queued = sum(len(q) for q in subs.queues.values())
+        dropped = sum(q.dropped_away for q in subs.queues.values())
+        for q in subs.queues.values():
+            q.dropped_away = 0
+        subs.conn = msg.conn
+        subs.credit = self._high_water
+        registered = Registered(
+            req=msg.req,
+            session_id=msg.session_id,
+            resume_token=msg.resume_token,
+            resumed=msg.resumed,
+            keepalive=msg.keepalive,
+            expiry=msg.expiry,
+            queued=queued,
+            dropped=dropped,
+        )
+        tell(
+            msg.conn.ref,
+            SessionAttached(msg.session_id, msg.client_id, msg.keepalive, encode(registered)),
+        )
+        self._flush_one(subs)
+
+    def _detach(self, subs: SessionSubs) -> None:
+        subs.conn = None
+        subs.credit = 0
+        for q in subs.queues.values():
+            q.requeue_unacked()
+
+    def _drop(self, session_id: str, reason: str) -> None:
+        subs = self._sessions.pop(session_id, None)
+        if subs is None:
+            return
+        discarded = 0
+        for topic, q in subs.queues.items():
+            discarded += len(q)
+            self._remove_from_topic(topic, session_id)
+        _log.info("session_queues_removed", session_id=session_id, client_id=subs.client_id,
+                  reason=reason, discarded=discarded)
+
+    def _remove_from_topic(self, topic: str, session_id: str) -> None:
+        members = self._by_topic.get(topic)
+        if members is not None:
+            members.pop(session_id, None)
+            if not members:
+                del self._by_topic[topic]
+
+    # --- the data path ------------------------------------------------------------------
+
+    def _on_ops(self, msg: SessionOps) -> None:
+        subs = self._sessions.get(msg.session_id)
+        current = subs is not None and subs.conn is not None and subs.conn.conn_id == msg.conn.conn_id
+        replies: list[bytes] = []
+        touched: dict[str, SessionSubs] = {}
+        for op in msg.ops:
+            match op:
+                case Publish(topic=topic, payload=payload, req=req):
+                    # A publish stands on its own, even from a connection just replaced.
+                    self._publish(topic, payload, touched)
+                    if req is not None:
+                        replies.append(encode(Ok(req=req)))
+                case _ if not current or subs is None:
+                    # Session state is only ever changed by the connection that holds it.
+                    continue
+                case Ack(topic=topic, seq=seq):
+                    q = subs.queues.get(topic)
+                    if q is not None:
+                        q.ack(seq)
+                case Subscribe(req=req, topic=topic):
+                    if topic not in subs.queues:
+                        q = SubscriptionQueue(
+                            topic,
+                            max_count=self._queue_limit,
+                            max_bytes=self._queue_bytes,
+                            next_seq=subs.next_seqs.pop(topic, 1),
+                        )
+                        subs.queues[topic] = q
+                        self._by_topic.setdefault(topic, {})[msg.session_id] = q
+                    replies.append(encode(Ok(req=req)))
+                case Unsubscribe(req=req, topic=topic):
+                    q = subs.queues.pop(topic, None)
+                    if q is not None:
+                        subs.next_seqs[topic] = q.next_seq
+                        self._remove_from_topic(topic, msg.session_id)
+                    replies.append(encode(Ok(req=req)))
+                case Ping(req=req):
+                    replies.append(encode(Pong(req=req)))
+                case Unregister(req=req):
+                    self._drop(msg.session_id, "unregistered")
+                    tell(self._session_manager, EndSession(msg.session_id, msg.conn.conn_id))
+                    replies.append(encode(Ok(req=req)))
+                    tell(msg.conn.ref, Outbound(b"".join(replies), close=True))
+                    self._flush(touched)
+                    return
+                case _:
+                    _log.warning("unexpected_op", op=type(op).__name__)
+        if replies:
+            tell(msg.conn.ref, Outbound(b"".join(replies)))
+        self._flush(touched)
+
+    def _publish(self, topic: str, payload: bytes, touched: dict[str, SessionSubs]) -> None:
+        self.published += 1
+        members = self._by_topic.get(topic)
+        if not members:
+            return
+        sessions = self._sessions
+        for session_id, q in members.items():
+            subs = sessions[session_id]
+            self.dropped += q.push(payload, connected=subs.conn is not None)
+            if subs.conn is not None:
+                touched[session_id] = subs
+
+    def _flush(self, touched: dict[str, SessionSubs]) -> None:
+        for subs in touched.values():
+            self._flush_one(subs)
+
+    def _flush_one(self, subs: SessionSubs) -> None:
+        """Send what the session's queues have pending, as far as its credit goes."""
+        conn = subs.conn
+        if conn is None:
+            return
+        chunks: list[bytes] = []
+        sent = 0
+        credit = subs.credit
+        for q in subs.queues.values():
+            if q.dropped_live:
+                chunks.append(encode(Dropped(topic=q.topic, count=q.dropped_live)))
+                q.dropped_live = 0
+            topic = q.topic
+            while credit > 0:
+                entry = q.take()
+                if entry is None:
+                    break
+                frame = encode_deliver(topic, entry.seq, entry.payload, q.is_redelivery(entry.seq))
+                chunks.append(frame)
+                credit -= len(frame)
+                sent += 1
+        if not chunks:
+            return
+        data = b"".join(chunks)
+        used = subs.credit - credit
+        subs.credit = credit
+        self.delivered += sent
+        tell(conn.ref, Outbound(data, credit=used))

@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from broker.config import BrokerConfig
+from broker.server import Broker
+from broker.users import UserStore, add_user
+from tests.wire import WireClient
+
+PASSWORDS = {"alice": "secret", "bob": "hunter2"}
+
+
+@pytest.fixture(scope="session")
+def users_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("users") / "users.json"
+    for name, password in PASSWORDS.items():
+        add_user(path, name, password, cost=4)
+    return path
+
+
+@pytest.fixture
+def start_broker(users_file: Path) -> Iterator[Callable[..., Broker]]:
+    started: list[Broker] = []
+
+    def start(**overrides: Any) -> Broker:
+        config = replace(BrokerConfig(port=0, users_path=users_file), **overrides)
+        broker = Broker(config, users=UserStore.load(users_file))
+        broker.start()
+        started.append(broker)
+        return broker
+
+    yield start
+    for broker in started:
+        broker.stop()
+
+
+@pytest.fixture
+def broker(start_broker: Callable[..., Broker]) -> Broker:
+    return start_broker()
+
+
+@pytest.fixture
+def connect(broker: Broker) -> Iterator[Callable[[], WireClient]]:
+    clients: list[WireClient] = []
+
+    def make() -> WireClient:
+        assert broker.address is not None
+        client = WireClient(broker.address)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.close()
