@@ -35,11 +35,11 @@ from broker.messages import (
 from broker.netedge import Link
 from protocol import (
     CLIENT_FRAME_TYPES,
+    NEED_DATA,
     BadRequest,
     ClientFrame,
     Error,
     ErrorCode,
-    NEED_DATA,
     FrameDecoder,
     Ping,
     Register,
@@ -146,8 +146,7 @@ class Listener(LoopActor):
 
     def on_writable(self, writable: bool) -> None:
         if writable and self._owed_credit and self._session_id is not None:
-            tell(self._subscribers,
-                 Credit(self._session_id, self._conn.conn_id, self._owed_credit))
+            tell(self._subscribers, Credit(self._session_id, self._conn.conn_id, self._owed_credit))
             self._owed_credit = 0
 
     def on_idle_timeout(self) -> None:
@@ -164,8 +163,9 @@ class Listener(LoopActor):
         self._socket_closed = True
         registering = self.state is State.REGISTERING
         self._move("close")
-        self._log.info("connection_closed", session_id=self._session_id,
-                       error=repr(exc) if exc else None)
+        self._log.info(
+            "connection_closed", session_id=self._session_id, error=repr(exc) if exc else None
+        )
         if self._session_id is not None:
             tell(self._session_manager, ConnectionLost(self._session_id, self._conn.conn_id))
         if not registering:
@@ -198,8 +198,10 @@ class Listener(LoopActor):
                     self._log.info("taken_over", session_id=session_id)
                     # The session now lives on another connection: nothing of ours reports on it.
                     self._session_id = None
-                    self._fail(ErrorCode.TAKEN_OVER,
-                               "another connection took this session over: not reconnecting")
+                    self._fail(
+                        ErrorCode.TAKEN_OVER,
+                        "another connection took this session over: not reconnecting",
+                    )
             case _:
                 return super().on_receive(message)
         return None
@@ -238,15 +240,26 @@ class Listener(LoopActor):
                 if isinstance(item, RemoteProtocolError):
                     ops.append(Error(req=item.req, code=item.code, message=str(item)))
                 elif isinstance(item, Register):
-                    ops.append(Error(req=item.req, code=ErrorCode.BAD_REQUEST,
-                                     message="already registered on this connection"))
+                    ops.append(
+                        Error(
+                            req=item.req,
+                            code=ErrorCode.BAD_REQUEST,
+                            message="already registered on this connection",
+                        )
+                    )
                 else:
                     ops.append(item)
                     if isinstance(item, Ping):
                         if item.status is not None or item.details is not None:
-                            tell(self._session_manager, Heartbeat(
-                                self._session_id or "", self._conn.conn_id, item.status,
-                                item.details))
+                            tell(
+                                self._session_manager,
+                                Heartbeat(
+                                    self._session_id or "",
+                                    self._conn.conn_id,
+                                    item.status,
+                                    item.details,
+                                ),
+                            )
                     elif isinstance(item, Unregister):
                         # Nothing after unregister is read: the broker closes once it answers.
                         self._link.pause_reading()
@@ -256,8 +269,7 @@ class Listener(LoopActor):
                 break
             elif state is State.AWAITING_REGISTER:
                 if isinstance(item, RemoteProtocolError):
-                    self._link.write(encode(Error(req=item.req, code=item.code,
-                                                  message=str(item))))
+                    self._link.write(encode(Error(req=item.req, code=item.code, message=str(item))))
                 elif isinstance(item, Register):
                     self._move("register")
                     # The registration timeout stops when `register` arrives.
@@ -265,9 +277,15 @@ class Listener(LoopActor):
                     self._link.pause_reading()
                     tell(self._supervisor, RegisterRequest(item, self._conn))
                 else:
-                    self._link.write(encode(Error(
-                        req=getattr(item, "req", None), code=ErrorCode.NOT_REGISTERED,
-                        message="register first: only `register` is accepted before it")))
+                    self._link.write(
+                        encode(
+                            Error(
+                                req=getattr(item, "req", None),
+                                code=ErrorCode.NOT_REGISTERED,
+                                message="register first: only `register` is accepted before it",
+                            )
+                        )
+                    )
             else:
                 break
         if ops and self._session_id is not None:
@@ -275,8 +293,10 @@ class Listener(LoopActor):
 
     def _return_credit(self, credit: int) -> None:
         if self._link.writable and self._session_id is not None:
-            tell(self._subscribers, Credit(self._session_id, self._conn.conn_id,
-                                           credit + self._owed_credit))
+            tell(
+                self._subscribers,
+                Credit(self._session_id, self._conn.conn_id, credit + self._owed_credit),
+            )
             self._owed_credit = 0
         else:
             self._owed_credit += credit

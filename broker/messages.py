@@ -7,7 +7,7 @@ from typing import Any
 
 from pykka import ActorRef
 
-from protocol import ClientFrame, ErrorCode, Register
+from protocol import ClientFrame, Error, ErrorCode, Register
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +76,7 @@ class SessionAttached:
 class SessionOps:
     session_id: str
     conn: ConnHandle
-    ops: tuple[ClientFrame, ...]
+    ops: tuple[ClientFrame | Error, ...]  # an Error is one a bad frame earned, sent in turn
 
 
 # SubscriberManager -> Listener: bytes to write. `credit` is how many of them were deliveries,

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import signal
 import threading
-from typing import Any
+from typing import Any, cast
 
 import pykka.debug
 import structlog
@@ -74,7 +75,10 @@ class Broker:
             "sessions": sessions,
             "subscribers": subscribers,
         }
-        future = listeners.ask(StartListening(config.host, config.port))
+        future = cast(
+            "concurrent.futures.Future[tuple[str, int]]",
+            listeners.ask(StartListening(config.host, config.port)),
+        )
         self.address = future.result(timeout=10)
         return self.address
 
@@ -122,9 +126,15 @@ def serve(config: BrokerConfig) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     broker = Broker(config)
     host, port = broker.start()
-    _log.info("broker_started", host=host, port=port, users=str(config.users_path),
-              session_expiry=config.session_expiry, queue_limit=config.queue_limit,
-              max_frame=config.max_frame)
+    _log.info(
+        "broker_started",
+        host=host,
+        port=port,
+        users=str(config.users_path),
+        session_expiry=config.session_expiry,
+        queue_limit=config.queue_limit,
+        max_frame=config.max_frame,
+    )
     while not stopping.wait(1.0):
         pass
     broker.stop()

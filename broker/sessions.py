@@ -14,12 +14,12 @@ recognised as stale and ignored.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -42,6 +42,10 @@ from protocol import ErrorCode, Register
 _log = structlog.get_logger("tether.sessions")
 
 
+class Cancellable(Protocol):
+    def cancel(self) -> None: ...
+
+
 @dataclass(slots=True)
 class Session:
     session_id: str
@@ -52,7 +56,7 @@ class Session:
     metadata: dict[str, Any]
     conn: ConnHandle | None
     generation: int = 0
-    timer: asyncio.TimerHandle | None = None
+    timer: Cancellable | None = None
     health: str | None = None
     health_details: dict[str, Any] | None = None
     created: float = field(default_factory=time.time)
@@ -73,11 +77,19 @@ class SessionManager(LoopActor):
     resume_after_failure = True
 
     def __init__(
-        self, loop: Any, loop_thread: int, *, subscriber_manager: Any, session_expiry: float
+        self,
+        loop: Any,
+        loop_thread: int,
+        *,
+        subscriber_manager: Any,
+        session_expiry: float,
+        call_later: Callable[[float, Callable[[], None]], Cancellable] | None = None,
     ) -> None:
         super().__init__(loop, loop_thread)
         self._subscribers = subscriber_manager
         self._expiry = session_expiry
+        # Injectable so that tests can fire cleanup timers without waiting for them.
+        self._call_later = call_later or loop.call_later
         self._sessions: dict[str, Session] = {}
         self._by_client: dict[str, str] = {}
         self.expired = 0
@@ -93,15 +105,24 @@ class SessionManager(LoopActor):
                     session.last_seen = time.time()
                     self._arm_timer(session)
                     tell(self._subscribers, Detach(session_id, conn_id))
-                    _log.info("session_disconnected", session_id=session_id,
-                              client_id=session.client_id, expires_in=self._expiry)
+                    _log.info(
+                        "session_disconnected",
+                        session_id=session_id,
+                        client_id=session.client_id,
+                        expires_in=self._expiry,
+                    )
             case Heartbeat(session_id, conn_id, status, details):
                 session = self._current(session_id, conn_id)
                 if session is not None:
                     session.last_seen = time.time()
                     if status is not None and status != session.health:
-                        _log.info("session_health", session_id=session_id,
-                                  client_id=session.client_id, status=status, was=session.health)
+                        _log.info(
+                            "session_health",
+                            session_id=session_id,
+                            client_id=session.client_id,
+                            status=status,
+                            was=session.health,
+                        )
                     if status is not None:
                         session.health = status
                     if details is not None:
@@ -112,7 +133,11 @@ class SessionManager(LoopActor):
                     self._remove(session, "unregistered")
             case _Expire(session_id, generation):
                 session = self._sessions.get(session_id)
-                if session is not None and session.generation == generation and session.conn is None:
+                if (
+                    session is not None
+                    and session.generation == generation
+                    and session.conn is None
+                ):
                     self.expired += 1
                     self._remove(session, "expired")
             case GetStats():
@@ -150,13 +175,23 @@ class SessionManager(LoopActor):
             or session.username != frame.username
             or not hmac.compare_digest(session.resume_token, frame.resume_token)
         ):
-            tell(conn.ref, RegisterRejected(frame.req, ErrorCode.UNKNOWN_SESSION,
-                 "no such session (expired, ended, or wrong token): register afresh"))
+            tell(
+                conn.ref,
+                RegisterRejected(
+                    frame.req,
+                    ErrorCode.UNKNOWN_SESSION,
+                    "no such session (expired, ended, or wrong token): register afresh",
+                ),
+            )
             return
         if session.conn is not None:
             tell(session.conn.ref, TakenOver(session.session_id))
-            _log.info("session_taken_over", session_id=session.session_id,
-                      client_id=session.client_id, by="resume")
+            _log.info(
+                "session_taken_over",
+                session_id=session.session_id,
+                client_id=session.client_id,
+                by="resume",
+            )
         session.keepalive = frame.keepalive
         if frame.metadata:
             session.metadata = frame.metadata
@@ -167,18 +202,34 @@ class SessionManager(LoopActor):
         if existing_id is not None:
             existing = self._sessions[existing_id]
             if existing.username != frame.username:
-                tell(conn.ref, RegisterRejected(frame.req, ErrorCode.CONFLICT,
-                     f"client_id {frame.client_id!r} belongs to another user's session"))
+                tell(
+                    conn.ref,
+                    RegisterRejected(
+                        frame.req,
+                        ErrorCode.CONFLICT,
+                        f"client_id {frame.client_id!r} belongs to another user's session",
+                    ),
+                )
                 return
             if not frame.takeover:
-                tell(conn.ref, RegisterRejected(frame.req, ErrorCode.CONFLICT,
-                     f"client_id {frame.client_id!r} already has a session: resume it with its "
-                     "session_id and resume_token, or register with takeover=true to end it"))
+                tell(
+                    conn.ref,
+                    RegisterRejected(
+                        frame.req,
+                        ErrorCode.CONFLICT,
+                        f"client_id {frame.client_id!r} already has a session: resume it with its "
+                        "session_id and resume_token, or register with takeover=true to end it",
+                    ),
+                )
                 return
             if existing.conn is not None:
                 tell(existing.conn.ref, TakenOver(existing.session_id))
-            _log.info("session_taken_over", session_id=existing.session_id,
-                      client_id=existing.client_id, by="takeover")
+            _log.info(
+                "session_taken_over",
+                session_id=existing.session_id,
+                client_id=existing.client_id,
+                by="takeover",
+            )
             self._remove(existing, "taken_over")
         session = Session(
             session_id=_new_id(),
@@ -202,20 +253,28 @@ class SessionManager(LoopActor):
         session.last_seen = time.time()
         # A new token at every bind: a token seen on a dropped connection stops working.
         session.resume_token = secrets.token_urlsafe(24)
-        tell(self._subscribers, Attach(
+        tell(
+            self._subscribers,
+            Attach(
+                session_id=session.session_id,
+                client_id=session.client_id,
+                conn=conn,
+                req=req,
+                resume_token=session.resume_token,
+                resumed=resumed,
+                keepalive=session.keepalive,
+                expiry=round(self._expiry),
+            ),
+        )
+        _log.info(
+            "session_resumed" if resumed else "session_registered",
             session_id=session.session_id,
             client_id=session.client_id,
-            conn=conn,
-            req=req,
-            resume_token=session.resume_token,
-            resumed=resumed,
+            username=session.username,
+            peer=conn.peer,
             keepalive=session.keepalive,
-            expiry=round(self._expiry),
-        ))
-        _log.info("session_resumed" if resumed else "session_registered",
-                  session_id=session.session_id, client_id=session.client_id,
-                  username=session.username, peer=conn.peer, keepalive=session.keepalive,
-                  metadata=session.metadata or None)
+            metadata=session.metadata or None,
+        )
 
     def _arm_timer(self, session: Session) -> None:
         if session.timer is not None:
@@ -223,7 +282,11 @@ class SessionManager(LoopActor):
         session.generation += 1
         expire = _Expire(session.session_id, session.generation)
         ref = self.actor_ref
-        session.timer = self.loop.call_later(self._expiry, lambda: tell(ref, expire))
+
+        def fire() -> None:
+            tell(ref, expire)
+
+        session.timer = self._call_later(self._expiry, fire)
 
     def _remove(self, session: Session, reason: str) -> None:
         if session.timer is not None:
@@ -233,5 +296,9 @@ class SessionManager(LoopActor):
         if self._by_client.get(session.client_id) == session.session_id:
             del self._by_client[session.client_id]
         tell(self._subscribers, DropSession(session.session_id, reason))
-        _log.info("session_ended", session_id=session.session_id, client_id=session.client_id,
-                  reason=reason)
+        _log.info(
+            "session_ended",
+            session_id=session.session_id,
+            client_id=session.client_id,
+            reason=reason,
+        )

@@ -171,8 +171,13 @@ class SubscriberManager(LoopActor):
         for topic, q in subs.queues.items():
             discarded += len(q)
             self._remove_from_topic(topic, session_id)
-        _log.info("session_queues_removed", session_id=session_id, client_id=subs.client_id,
-                  reason=reason, discarded=discarded)
+        _log.info(
+            "session_queues_removed",
+            session_id=session_id,
+            client_id=subs.client_id,
+            reason=reason,
+            discarded=discarded,
+        )
 
     def _remove_from_topic(self, topic: str, session_id: str) -> None:
         members = self._by_topic.get(topic)
@@ -185,7 +190,9 @@ class SubscriberManager(LoopActor):
 
     def _on_ops(self, msg: SessionOps) -> None:
         subs = self._sessions.get(msg.session_id)
-        current = subs is not None and subs.conn is not None and subs.conn.conn_id == msg.conn.conn_id
+        current = (
+            subs is not None and subs.conn is not None and subs.conn.conn_id == msg.conn.conn_id
+        )
         replies: list[bytes] = []
         touched: dict[str, SessionSubs] = {}
         for op in msg.ops:

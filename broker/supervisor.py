@@ -73,8 +73,14 @@ class BrokerSupervisor(LoopActor):
                 if self._limiter.blocked(address, time.monotonic()):
                     self.rate_limited += 1
                     _log.warning("auth_rate_limited", peer=conn.peer, client_id=frame.client_id)
-                    tell(conn.ref, RegisterRejected(frame.req, ErrorCode.RATE_LIMITED,
-                         "too many failed logins from this address: wait and try again"))
+                    tell(
+                        conn.ref,
+                        RegisterRejected(
+                            frame.req,
+                            ErrorCode.RATE_LIMITED,
+                            "too many failed logins from this address: wait and try again",
+                        ),
+                    )
                     return None
                 self._verify(message)
             case _AuthDone(request=request, ok=ok, error=error):
@@ -85,10 +91,19 @@ class BrokerSupervisor(LoopActor):
                 else:
                     self.auth_failed += 1
                     self._limiter.record_failure(_peer_address(conn.peer), time.monotonic())
-                    _log.info("auth_failed", peer=conn.peer, client_id=frame.client_id,
-                              username=frame.username, error=error)
-                    tell(conn.ref, RegisterRejected(frame.req, ErrorCode.AUTH_FAILED,
-                         "wrong username or password"))
+                    _log.info(
+                        "auth_failed",
+                        peer=conn.peer,
+                        client_id=frame.client_id,
+                        username=frame.username,
+                        error=error,
+                    )
+                    tell(
+                        conn.ref,
+                        RegisterRejected(
+                            frame.req, ErrorCode.AUTH_FAILED, "wrong username or password"
+                        ),
+                    )
             case GetStats():
                 return {
                     "auth_ok": self.auth_ok,

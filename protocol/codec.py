@@ -1,0 +1,194 @@
+"""Length-prefixed msgpack framing: a sans-IO incremental decoder and the encoders."""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, Final
+
+import msgpack
+
+from .errors import BadFrame, FrameTooLarge, RemoteProtocolError
+from .frames import DEFAULT_MAX_FRAME, FRAME_TYPES, Frame, from_wire, to_wire
+
+__all__ = [
+    "NEED_DATA",
+    "FrameDecoder",
+    "NeedData",
+    "encode",
+    "encode_deliver",
+    "encode_many",
+    "encode_map",
+]
+
+_PREFIX = struct.Struct(">I")
+
+
+class NeedData(enum.Enum):
+    """Type of the `NEED_DATA` sentinel (an enum so `is NEED_DATA` narrows for mypy)."""
+
+    NEED_DATA = "NEED_DATA"
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+    __str__ = __repr__
+
+
+NEED_DATA: Final = NeedData.NEED_DATA
+
+
+def _reject_ext(code: int, data: bytes) -> Any:
+    raise ValueError(f"msgpack ext type {code} is not allowed")
+
+
+def _check_nested(root: object) -> None:
+    """Reject timestamps anywhere inside containers (iterative: nesting can be ~1000 deep)."""
+    # msgpack decodes ext type -1 to Timestamp without consulting ext_hook.
+    stack = [root]
+    pop, push = stack.pop, stack.append
+    while stack:
+        x = pop()
+        if x.__class__ is dict:
+            for k, v in x.items():  # type: ignore[attr-defined]
+                if k.__class__ is msgpack.Timestamp:
+                    raise BadFrame("msgpack ext types are not allowed")
+                push(v)
+        elif x.__class__ is list:
+            stack.extend(x)  # type: ignore[call-overload]
+        elif x.__class__ is msgpack.Timestamp:
+            raise BadFrame("msgpack ext types are not allowed")
+
+
+class FrameDecoder:
+    """Incremental decoder: feed bytes with `receive_data`, pull frames with `next_frame`.
+
+    `BadFrame`/`FrameTooLarge` are fatal: the decoder keeps raising the same error and
+    discards further input. `BadRequest` is not: that frame is consumed and the next call
+    continues with the following one.
+    """
+
+    __slots__ = ("_accept", "_buf", "_error", "_max_frame", "_pos")
+
+    def __init__(
+        self, *, max_frame: int = DEFAULT_MAX_FRAME, accept: Mapping[str, type] = FRAME_TYPES
+    ) -> None:
+        if isinstance(max_frame, bool) or not isinstance(max_frame, int) or max_frame < 1:
+            raise ValueError(f"max_frame must be a positive int, got {max_frame!r}")
+        self._max_frame = max_frame
+        self._accept = accept
+        # Consumed bytes are skipped via _pos and compacted lazily: decoding many frames
+        # from one big chunk stays O(n) instead of shifting the buffer per frame.
+        self._buf = bytearray()
+        self._pos = 0
+        self._error: RemoteProtocolError | None = None
+
+    @property
+    def max_frame(self) -> int:
+        return self._max_frame
+
+    @property
+    def accept(self) -> Mapping[str, type]:
+        return self._accept
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet consumed as frames."""
+        return len(self._buf) - self._pos
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        if self._error is not None:
+            return  # the stream is unusable after a framing error; don't hoard it
+        buf = self._buf
+        pos = self._pos
+        # Compact only once the consumed part is at least half the buffer, so the memmove
+        # cost is amortised O(1) per byte however the caller interleaves calls.
+        if pos and pos >= len(buf) - pos:
+            del buf[:pos]
+            self._pos = 0
+        buf += data
+
+    def next_frame(self) -> Frame | NeedData:
+        """The next complete frame, or `NEED_DATA` if the buffer holds no complete frame."""
+        if self._error is not None:
+            raise self._error
+        buf = self._buf
+        pos = self._pos
+        start = pos + 4
+        if len(buf) < start:
+            return NEED_DATA
+        (n,) = _PREFIX.unpack_from(buf, pos)
+        # Judge the prefix before waiting for the body, so a bogus length can't make
+        # us buffer up to 4 GiB.
+        if n > self._max_frame:
+            raise self._fatal(FrameTooLarge(size=n, limit=self._max_frame))
+        if n == 0:
+            raise self._fatal(BadFrame("empty frame (length prefix 0)"))
+        end = start + n
+        if len(buf) < end:
+            return NEED_DATA
+        self._pos = end
+        try:
+            m = msgpack.unpackb(
+                buf[start:end], raw=False, strict_map_key=False, ext_hook=_reject_ext
+            )
+        except Exception as e:  # msgpack raises several unrelated types for bad input
+            raise self._fatal(BadFrame(f"undecodable frame body: {e}")) from None
+        if m.__class__ is not dict:
+            raise self._fatal(BadFrame(f"frame body is a {type(m).__name__}, not a map"))
+        try:
+            for k, v in m.items():
+                if k.__class__ is not str:
+                    raise BadFrame(f"frame keys must be str, got {type(k).__name__}")
+                vc = v.__class__
+                if vc is dict or vc is list or vc is msgpack.Timestamp:
+                    _check_nested(v)
+        except BadFrame as e:
+            raise self._fatal(e) from None
+        if m.get("type").__class__ is not str:
+            raise self._fatal(BadFrame("frame has no str 'type' key"))
+        return from_wire(m, accept=self._accept)
+
+    def frames(self) -> Iterator[Frame]:
+        """Yield frames until `NEED_DATA`; errors propagate like from `next_frame`."""
+        next_frame = self.next_frame
+        while True:
+            frame = next_frame()
+            if frame is NEED_DATA:
+                return
+            yield frame
+
+    def _fatal(self, exc: RemoteProtocolError) -> RemoteProtocolError:
+        self._error = exc
+        self._buf = bytearray()
+        self._pos = 0
+        return exc
+
+
+def encode_map(m: dict[str, Any]) -> bytes:
+    """Frame an already-built wire map: 4-byte big-endian length, then the msgpack body."""
+    # packb builds a fresh Packer per call: a shared one is not thread-safe.
+    body = msgpack.packb(m, use_bin_type=True)
+    return _PREFIX.pack(len(body)) + body
+
+
+def encode(frame: Frame) -> bytes:
+    """Encode one frame. Deliberately no max_frame check (deliver may slightly exceed it)."""
+    return encode_map(to_wire(frame))
+
+
+def encode_many(frames: Iterable[Frame]) -> bytes:
+    return b"".join([encode_map(to_wire(f)) for f in frames])
+
+
+def encode_deliver(topic: str, seq: int, payload: bytes, redelivered: bool = False) -> bytes:
+    """Same bytes as `encode(Deliver(...))` without building or validating the dataclass.
+
+    For the broker's hot path: the caller vouches for the values (they came from an
+    already-validated publish).
+    """
+    m: dict[str, Any] = {"type": "deliver", "topic": topic, "seq": seq, "payload": payload}
+    if redelivered:
+        m["redelivered"] = True
+    return encode_map(m)

@@ -1,0 +1,216 @@
+"""`tether user add/list` through main() and once as a real process; `serve` argument handling."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import subprocess
+import sys
+import types
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+
+from broker.cli import main
+from broker.passwords import verify_password
+from broker.users import UserStore
+
+COST = "4"
+
+
+def _stdin(monkeypatch: pytest.MonkeyPatch, text: str) -> None:
+    monkeypatch.setattr(sys, "stdin", io.StringIO(text))  # StringIO.isatty() is False
+
+
+def _add(monkeypatch: pytest.MonkeyPatch, path: Path, name: str, stdin: str, *extra: str) -> int:
+    _stdin(monkeypatch, stdin)
+    return main(["user", "add", name, "--users", str(path), "--cost", COST, *extra])
+
+
+def _stored(path: Path, name: str) -> str:
+    stored = UserStore.load(path).lookup(name)
+    assert stored is not None
+    return stored
+
+
+@pytest.mark.parametrize(
+    ("stdin", "password"),
+    [
+        ("s3cret\n", "s3cret"),
+        ("s3cret\r\n", "s3cret"),
+        ("s3cret", "s3cret"),
+        ("s3cret\n\n", "s3cret\n"),  # only ONE newline is dropped
+        ("s3cret\r\n\r\n", "s3cret\r\n"),
+        ("  s3cret \n", "  s3cret "),  # other whitespace is part of the password
+        ("multi\nline\n", "multi\nline"),
+    ],
+)
+def test_password_from_stdin_drops_one_trailing_newline(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    stdin: str,
+    password: str,
+) -> None:
+    path = tmp_path / "users.json"
+    assert _add(monkeypatch, path, "alice", stdin) == 0
+    stored = _stored(path, "alice")
+    assert verify_password(password, stored)
+    if stdin != password:  # the raw input, newline and all, is not the password
+        assert not verify_password(stdin, stored)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "alice" in err  # one-line confirmation on stderr
+
+
+@pytest.mark.parametrize("stdin", ["", "\n", "\r\n"])
+def test_empty_password_is_refused(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path, stdin: str
+) -> None:
+    path = tmp_path / "users.json"
+    assert _add(monkeypatch, path, "alice", stdin) == 1
+    assert "empty password" in capsys.readouterr().err
+    assert not path.exists()
+
+
+def test_existing_user_is_an_error_that_suggests_replace(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = tmp_path / "users.json"
+    assert _add(monkeypatch, path, "alice", "one\n") == 0
+    capsys.readouterr()
+    assert _add(monkeypatch, path, "alice", "two\n") == 1
+    err = capsys.readouterr().err
+    assert "already exists" in err and "--replace" in err and "Traceback" not in err
+    assert verify_password("one", _stored(path, "alice"))
+
+    assert _add(monkeypatch, path, "alice", "two\n", "--replace") == 0
+    assert "changed the password" in capsys.readouterr().err
+    assert verify_password("two", _stored(path, "alice"))
+
+
+def test_bad_name_and_malformed_file_are_one_line_errors(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = tmp_path / "users.json"
+    assert _add(monkeypatch, path, "bad\tname", "pw\n") == 1
+    assert "control characters" in capsys.readouterr().err
+    path.write_text("{oops")
+    assert _add(monkeypatch, path, "alice", "pw\n") == 1
+    err = capsys.readouterr().err
+    assert str(path) in err and "malformed" in err and err.count("\n") == 1
+
+
+def test_tty_prompts_twice_and_needs_a_match(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    answers = iter(["first", "second", "same", "same"])
+    monkeypatch.setattr(sys, "stdin", Tty())
+    monkeypatch.setattr("getpass.getpass", lambda prompt="": next(answers))
+    path = tmp_path / "users.json"
+    args = ["user", "add", "alice", "--users", str(path), "--cost", COST]
+    assert main(args) == 1
+    assert "do not match" in capsys.readouterr().err
+    assert main(args) == 0
+    assert verify_password("same", _stored(path, "alice"))
+
+
+def test_cost_outside_bcrypt_range_is_rejected(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["user", "add", "alice", "--users", str(tmp_path / "u.json"), "--cost", "3"])
+    assert info.value.code == 2
+
+
+def test_user_list(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = tmp_path / "users.json"
+    assert main(["user", "list", "--users", str(path)]) == 0
+    out = capsys.readouterr()
+    assert out.out == "" and "no users file" in out.err
+    _add(monkeypatch, path, "bob", "pw\n")
+    _add(monkeypatch, path, "alice", "pw\n")
+    capsys.readouterr()
+    assert main(["user", "list", "--users", str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("\t")[0] for line in lines] == ["alice", "bob"]
+
+
+def test_python_dash_m_broker_user_add(tmp_path: Path) -> None:
+    path = tmp_path / "users.json"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "broker",
+            "user",
+            "add",
+            "admin",
+            "--users",
+            str(path),
+            "--cost",
+            COST,
+        ],
+        input="from-a-pipe\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""
+    assert "added user 'admin'" in result.stderr
+    assert verify_password("from-a-pipe", _stored(path, "admin"))
+
+
+@pytest.fixture
+def fake_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
+    """Stand in for broker.server, and undo the logging set-up `serve` does."""
+    calls: list[Any] = []
+
+    def serve(config: Any) -> int:
+        calls.append(config)
+        return 0
+
+    module = types.ModuleType("broker.server")
+    module.serve = serve  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "broker.server", module)
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield calls
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    structlog.reset_defaults()
+
+
+def test_serve_builds_the_config_and_warns_without_users_file(
+    fake_server: list[Any], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = tmp_path / "users.json"
+    argv = ["serve", "--port", "0", "--users", str(path), "--session-expiry", "1.5"]
+    assert main([*argv, "--queue-limit", "7", "--max-frame", "4096"]) == 0
+    [config] = fake_server
+    assert (config.host, config.port, config.users_path) == ("127.0.0.1", 0, path)
+    assert (config.session_expiry, config.queue_limit, config.max_frame) == (1.5, 7, 4096)
+    assert config.register_timeout == 10.0
+    assert config.log_format == "json"  # stdout is not a terminal under pytest
+    [warning] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert warning["level"] == "warning"
+    assert "user add" in warning["hint"]
+
+
+def test_serve_refuses_a_malformed_users_file(
+    fake_server: list[Any], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = tmp_path / "users.json"
+    path.write_text("[]")
+    assert main(["serve", "--users", str(path), "--log-format", "console"]) == 1
+    assert fake_server == []
+    assert "malformed" in capsys.readouterr().err

@@ -1,0 +1,160 @@
+"""The users file: loading, adding, replacing, atomic writes and clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from broker.passwords import verify_password
+from broker.users import (
+    UserExistsError,
+    UserFileError,
+    UserNameError,
+    UserStore,
+    add_user,
+)
+
+COST = 4
+
+
+def test_missing_file_is_an_empty_store(tmp_path: Path) -> None:
+    store = UserStore.load(tmp_path / "nope.json")
+    assert len(store) == 0
+    assert store.names() == []
+    assert store.lookup("admin") is None
+    assert "admin" not in store
+
+
+def test_add_then_load(tmp_path: Path) -> None:
+    path = tmp_path / "users.json"
+    add_user(path, "alice", "pw-a", cost=COST)
+    add_user(path, "bob", "pw-b", cost=COST)
+    store = UserStore.load(path)
+    assert store.names() == ["alice", "bob"]
+    assert "alice" in store
+    hash_a = store.lookup("alice")
+    assert hash_a is not None and verify_password("pw-a", hash_a)
+    assert not verify_password("pw-b", hash_a)
+    doc = json.loads(path.read_text())
+    assert doc["version"] == 1
+    assert set(doc["users"]["alice"]) == {"hash", "created"}
+    assert doc["users"]["alice"]["created"].endswith("Z")
+
+
+def test_file_mode_is_0600_and_no_temp_files_left(tmp_path: Path) -> None:
+    path = tmp_path / "users.json"
+    add_user(path, "alice", "pw", cost=COST)
+    add_user(path, "bob", "pw", cost=COST)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["users.json"]
+
+
+def test_write_is_a_rename_not_an_in_place_edit(tmp_path: Path) -> None:
+    # Readers holding the old file keep seeing the old content: it was replaced, not rewritten.
+    path = tmp_path / "users.json"
+    add_user(path, "alice", "pw", cost=COST)
+    before = path.stat().st_ino
+    with path.open() as old:
+        add_user(path, "bob", "pw", cost=COST)
+        assert "bob" not in json.load(old)["users"]
+    assert path.stat().st_ino != before
+
+
+def test_existing_user_needs_replace(tmp_path: Path) -> None:
+    path = tmp_path / "users.json"
+    add_user(path, "alice", "old", cost=COST)
+    created = json.loads(path.read_text())["users"]["alice"]["created"]
+    with pytest.raises(UserExistsError, match="alice"):
+        add_user(path, "alice", "new", cost=COST)
+    stored = UserStore.load(path).lookup("alice")
+    assert stored is not None and verify_password("old", stored)
+
+    add_user(path, "alice", "new", cost=COST, replace=True)
+    stored = UserStore.load(path).lookup("alice")
+    assert stored is not None and verify_password("new", stored)
+    assert not verify_password("old", stored)
+    assert json.loads(path.read_text())["users"]["alice"]["created"] == created
+
+
+def test_replace_adds_a_missing_user(tmp_path: Path) -> None:
+    path = tmp_path / "users.json"
+    add_user(path, "carol", "pw", cost=COST, replace=True)
+    assert "carol" in UserStore.load(path)
+
+
+def test_creates_missing_parent_directory(tmp_path: Path) -> None:
+    path = tmp_path / "var" / "users.json"
+    add_user(path, "alice", "pw", cost=COST)
+    assert UserStore.load(path).names() == ["alice"]
+
+
+@pytest.mark.parametrize("name", ["", "x" * 129, "bad\nname", "tab\there", "nul\x00", "del\x7f"])
+def test_invalid_names_are_refused(tmp_path: Path, name: str) -> None:
+    path = tmp_path / "users.json"
+    with pytest.raises(UserNameError):
+        add_user(path, name, "pw", cost=COST)
+    assert not path.exists()
+
+
+@pytest.mark.parametrize("name", ["a", "x" * 128, "Zoë", "user@example.com", "with space"])
+def test_valid_names_are_accepted(tmp_path: Path, name: str) -> None:
+    path = tmp_path / "users.json"
+    add_user(path, name, "pw", cost=COST)
+    assert name in UserStore.load(path)
+
+
+def test_empty_password_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="empty"):
+        add_user(tmp_path / "users.json", "alice", "", cost=COST)
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        (b"{not json", "invalid JSON"),
+        (b"\xff\xfe", "UTF-8"),
+        (b"[]", "object"),
+        (b'{"version": 2, "users": {}}', "version"),
+        (b'{"version": 1}', "users"),
+        (b'{"version": 1, "users": {"a": "hash"}}', "'a'"),
+        (b'{"version": 1, "users": {"a": {"created": "x"}}}', "hash"),
+        (b'{"version": 1, "users": {"a": {"hash": "h"}}}', "created"),
+        (b'{"version": 1, "users": {"a\\u0001": {"hash": "h", "created": "x"}}}', "control"),
+    ],
+)
+def test_malformed_file_names_the_path(tmp_path: Path, content: bytes, why: str) -> None:
+    path = tmp_path / "users.json"
+    path.write_bytes(content)
+    with pytest.raises(UserFileError, match=why) as info:
+        UserStore.load(path)
+    assert str(path) in str(info.value)
+    # add_user must not paper over a broken file by writing a fresh one.
+    with pytest.raises(UserFileError):
+        add_user(path, "alice", "pw", cost=COST)
+    assert path.read_bytes() == content
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can read any file")
+def test_unreadable_file_is_a_user_file_error(tmp_path: Path) -> None:
+    path = tmp_path / "users.json"
+    add_user(path, "alice", "pw", cost=COST)
+    path.chmod(0)
+    with pytest.raises(UserFileError, match="cannot read"):
+        UserStore.load(path)
+
+
+def test_store_is_read_only(tmp_path: Path) -> None:
+    path = tmp_path / "users.json"
+    add_user(path, "alice", "pw", cost=COST)
+    store = UserStore.load(path)
+    with pytest.raises(TypeError):
+        store.records()["mallory"] = store.records()["alice"]  # type: ignore[index]
+    with pytest.raises(AttributeError):
+        store.extra = 1  # type: ignore[attr-defined]
+    # Later writes to the file do not reach an already loaded store.
+    add_user(path, "bob", "pw", cost=COST)
+    assert "bob" not in store
