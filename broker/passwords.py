@@ -27,6 +27,7 @@ __all__ = [
     "MAX_COST",
     "MIN_COST",
     "SCHEME_PREFIX",
+    "cost_of",
     "dummy_hash",
     "hash_count",
     "hash_password",
@@ -46,7 +47,7 @@ _BCRYPT_RE = re.compile(r"\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}"
 _count_lock = threading.Lock()
 _count = 0
 _dummy_lock = threading.Lock()
-_dummy: str | None = None
+_dummies: dict[int, str] = {}
 
 
 def _counted() -> None:
@@ -77,13 +78,18 @@ def hash_password(password: str, *, cost: int = DEFAULT_COST) -> str:
     return SCHEME_PREFIX + hashed.decode("ascii")
 
 
-def dummy_hash() -> str:
-    """A hash of a random password at the default cost, made once on first use."""
-    global _dummy
+def dummy_hash(cost: int = DEFAULT_COST) -> str:
+    """A hash of a random password at `cost`, made once per cost on first use."""
     with _dummy_lock:
-        if _dummy is None:
-            _dummy = hash_password(secrets.token_urlsafe(32), cost=DEFAULT_COST)
-        return _dummy
+        if cost not in _dummies:
+            _dummies[cost] = hash_password(secrets.token_urlsafe(32), cost=cost)
+        return _dummies[cost]
+
+
+def cost_of(stored: str) -> int:
+    """The bcrypt cost of a stored hash, or the default for one that is malformed."""
+    bcrypt_hash = stored[len(SCHEME_PREFIX) :] if stored.startswith(SCHEME_PREFIX) else ""
+    return int(bcrypt_hash[4:6]) if _BCRYPT_RE.fullmatch(bcrypt_hash) else DEFAULT_COST
 
 
 def __getattr__(name: str) -> Any:
@@ -113,7 +119,10 @@ def verify_password(password: str, stored: str) -> bool:
     return False
 
 
-def verify_unknown_user(password: str) -> bool:
-    """Spend one bcrypt check as if the user existed, and return False."""
-    verify_password(password, dummy_hash())
+def verify_unknown_user(password: str, *, cost: int = DEFAULT_COST) -> bool:
+    """Spend one bcrypt check as if the user existed, and return False.
+
+    `cost` should be the cost the real users' hashes have, or timing tells unknown names apart.
+    """
+    verify_password(password, dummy_hash(cost))
     return False

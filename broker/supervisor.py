@@ -53,6 +53,9 @@ class BrokerSupervisor(LoopActor):
     ) -> None:
         super().__init__(loop, loop_thread)
         self._users = users
+        # An unknown name is checked against a dummy of the cost the real users have.
+        costs = [passwords.cost_of(users.lookup(name) or "") for name in users.names()]
+        self._unknown_user_cost = max(set(costs), key=costs.count) if costs else 12
         self._sessions = session_manager
         self._limiter = limiter
         self._pool = ThreadPoolExecutor(max_workers=auth_workers, thread_name_prefix="tether-auth")
@@ -120,11 +123,12 @@ class BrokerSupervisor(LoopActor):
         stored = self._users.lookup(frame.username)
         password = frame.password or ""
         ref = self.actor_ref
+        unknown_cost = self._unknown_user_cost
 
         def check() -> bool:
             if stored is None:
                 # Same cost as a wrong password: an unknown name must not be told apart by time.
-                return passwords.verify_unknown_user(password)
+                return passwords.verify_unknown_user(password, cost=unknown_cost)
             return passwords.verify_password(password, stored)
 
         def done(future: Future[bool]) -> None:

@@ -69,7 +69,9 @@ def test_malformed_stored_hash_is_false_and_still_costs_a_bcrypt(
     monkeypatch: pytest.MonkeyPatch, stored: str
 ) -> None:
     # A cost-4 dummy keeps this fast; set up front, so only the check itself is counted.
-    monkeypatch.setattr(passwords, "_dummy", hash_password("dummy", cost=COST))
+    monkeypatch.setitem(
+        passwords._dummies, passwords.DEFAULT_COST, hash_password("dummy", cost=COST)
+    )
     before = hash_count()
     assert verify_password("anything", stored) is False
     assert hash_count() == before + 1
@@ -108,3 +110,13 @@ def test_cost_out_of_range_is_refused(cost: int) -> None:
 def test_unknown_attribute_still_raises() -> None:
     with pytest.raises(AttributeError):
         _ = passwords.NOT_THERE  # type: ignore[attr-defined]
+
+
+def test_unknown_user_dummy_has_the_cost_asked_for() -> None:
+    stored = passwords.hash_password("pw", cost=5)
+    assert passwords.cost_of(stored) == 5
+    assert passwords.cost_of("garbage") == passwords.DEFAULT_COST
+    assert passwords.cost_of(passwords.dummy_hash(5)) == 5
+    before = passwords.hash_count()
+    assert passwords.verify_unknown_user("pw", cost=5) is False
+    assert passwords.hash_count() == before + 1
