@@ -23,6 +23,7 @@ class BrokerConfig:
     auth_workers: int = 2  # threads that run bcrypt (it releases the GIL)
     auth_fail_limit: int = 5  # failures per address within auth_fail_window before rate_limited
     auth_fail_window: float = 60.0
+    auth_fail_penalty: float = 1.0  # seconds before a blocked address hears of a wrong password
     log_format: str = "console"  # json | console
 
     def __post_init__(self) -> None:

@@ -108,10 +108,11 @@ class Listener(LoopActor):
         self.state = State.AWAITING_REGISTER
         self._socket_closed = False
         self._held: list[Item] = []
+        self._done_reading = False  # after unregister or a fatal protocol error
         self._session_id: str | None = None
         self._owed_credit = 0
         self._log = _log.bind(conn_id=conn_id, peer=link.peer)
-        link.set_idle_timeout(register_timeout)
+        link.set_deadline(register_timeout)
 
     def _move(self, event: str) -> None:
         new = _TRANSITIONS.get((self.state, event))
@@ -122,11 +123,10 @@ class Listener(LoopActor):
     # --- events from the connection (on the loop thread, like every message) --------------
 
     def on_data(self, data: bytes) -> None:
-        if self.state is State.CLOSING:
+        if self.state is State.CLOSING or self._done_reading:
             return
         self._decoder.receive_data(data)
         items: list[Item] = []
-        fatal: RemoteProtocolError | None = None
         while True:
             try:
                 frame = self._decoder.next_frame()
@@ -134,15 +134,15 @@ class Listener(LoopActor):
                 items.append(exc)
                 continue
             except RemoteProtocolError as exc:
-                fatal = exc
+                # Fatal: it is answered after everything before it, then the connection closes.
+                self._log.info("protocol_error", code=str(exc.code), error=str(exc))
+                items.append(exc)
+                self._done_reading = True
                 break
             if frame is NEED_DATA:
                 break
             items.append(frame)  # type: ignore[arg-type]
         self._handle_items(items)
-        if fatal is not None and self.state is not State.CLOSING:
-            self._log.info("protocol_error", code=str(fatal.code), error=str(fatal))
-            self._fail(fatal.code, str(fatal))
 
     def on_writable(self, writable: bool) -> None:
         if writable and self._owed_credit and self._session_id is not None:
@@ -150,12 +150,12 @@ class Listener(LoopActor):
             self._owed_credit = 0
 
     def on_idle_timeout(self) -> None:
-        if self.state is State.CLOSING:
-            return
         if self.state is State.ACTIVE:
             self._log.info("keepalive_timeout", session_id=self._session_id)
             self._fail(ErrorCode.TIMEOUT, "no frame within 1.5 x keepalive: connection closed")
-        else:
+
+    def on_deadline(self) -> None:
+        if self.state is State.AWAITING_REGISTER:
             self._log.info("register_timeout")
             self._fail(ErrorCode.TIMEOUT, "no register within the registration timeout")
 
@@ -189,7 +189,8 @@ class Listener(LoopActor):
                     return None
                 self._move("rejected")
                 self._link.write(encode(Error(req=req, code=code, message=text)))
-                self._link.set_idle_timeout(self._register_timeout)
+                # A fresh attempt gets a fresh registration deadline.
+                self._link.set_deadline(self._register_timeout)
                 self._link.resume_reading()
                 held, self._held = self._held, []
                 self._handle_items(held)
@@ -234,11 +235,15 @@ class Listener(LoopActor):
 
     def _handle_items(self, items: list[Item]) -> None:
         ops: list[ClientFrame | Error] = []
+        close = False
         for index, item in enumerate(items):
             state = self.state
             if state is State.ACTIVE:
                 if isinstance(item, RemoteProtocolError):
                     ops.append(Error(req=item.req, code=item.code, message=str(item)))
+                    if item.fatal:
+                        close = True
+                        break
                 elif isinstance(item, Register):
                     ops.append(
                         Error(
@@ -262,6 +267,7 @@ class Listener(LoopActor):
                             )
                     elif isinstance(item, Unregister):
                         # Nothing after unregister is read: the broker closes once it answers.
+                        self._done_reading = True
                         self._link.pause_reading()
                         break
             elif state is State.REGISTERING:
@@ -270,10 +276,13 @@ class Listener(LoopActor):
             elif state is State.AWAITING_REGISTER:
                 if isinstance(item, RemoteProtocolError):
                     self._link.write(encode(Error(req=item.req, code=item.code, message=str(item))))
+                    if item.fatal:
+                        self._close()
+                        break
                 elif isinstance(item, Register):
                     self._move("register")
                     # The registration timeout stops when `register` arrives.
-                    self._link.set_idle_timeout(None)
+                    self._link.set_deadline(None)
                     self._link.pause_reading()
                     tell(self._supervisor, RegisterRequest(item, self._conn))
                 else:
@@ -289,7 +298,7 @@ class Listener(LoopActor):
             else:
                 break
         if ops and self._session_id is not None:
-            tell(self._subscribers, SessionOps(self._session_id, self._conn, tuple(ops)))
+            tell(self._subscribers, SessionOps(self._session_id, self._conn, tuple(ops), close))
 
     def _return_credit(self, credit: int) -> None:
         if self._link.writable and self._session_id is not None:

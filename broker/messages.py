@@ -77,6 +77,7 @@ class SessionOps:
     session_id: str
     conn: ConnHandle
     ops: tuple[ClientFrame | Error, ...]  # an Error is one a bad frame earned, sent in turn
+    close: bool = False  # the last op is a fatal error: close once it is answered
 
 
 # SubscriberManager -> Listener: bytes to write. `credit` is how many of them were deliveries,

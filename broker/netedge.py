@@ -28,6 +28,7 @@ class ConnectionHandler(Protocol):
     def on_data(self, data: bytes) -> None: ...
     def on_writable(self, writable: bool) -> None: ...
     def on_idle_timeout(self) -> None: ...
+    def on_deadline(self) -> None: ...
     def on_closed(self, exc: Exception | None) -> None: ...
 
 
@@ -39,6 +40,7 @@ class Link(Protocol):
     def write(self, data: bytes) -> None: ...
     def close(self) -> None: ...
     def set_idle_timeout(self, seconds: float | None) -> None: ...
+    def set_deadline(self, seconds: float | None) -> None: ...
     def pause_reading(self) -> None: ...
     def resume_reading(self) -> None: ...
 
@@ -61,6 +63,7 @@ class Connection(asyncio.Protocol):
         self._handler: ConnectionHandler | None = None
         self._idle_timeout: float | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
+        self._deadline_timer: asyncio.TimerHandle | None = None
         self._last_rx = 0.0
         self._writable = True
         self._closing = False
@@ -98,9 +101,10 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
+        for timer in (self._idle_timer, self._deadline_timer):
+            if timer is not None:
+                timer.cancel()
+        self._idle_timer = self._deadline_timer = None
         handler, self._handler = self._handler, None
         if handler is not None:
             handler.on_closed(exc)
@@ -132,6 +136,19 @@ class Connection(asyncio.Protocol):
             self._idle_timer = None
         if seconds is not None and not self._closing:
             self._idle_timer = self._loop.call_later(seconds, self._check_idle)
+
+    def set_deadline(self, seconds: float | None) -> None:
+        """One shot, whatever the peer sends meanwhile (the registration timeout)."""
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+            self._deadline_timer = None
+        if seconds is not None and not self._closing:
+            self._deadline_timer = self._loop.call_later(seconds, self._deadline_passed)
+
+    def _deadline_passed(self) -> None:
+        self._deadline_timer = None
+        if self._handler is not None and not self._closing:
+            self._handler.on_deadline()
 
     def pause_reading(self) -> None:
         if self._transport is not None and not self._closing:

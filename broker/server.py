@@ -59,6 +59,7 @@ class Broker:
             session_manager=sessions,
             auth_workers=config.auth_workers,
             limiter=FailureLimiter(limit=config.auth_fail_limit, window=config.auth_fail_window),
+            failure_penalty=config.auth_fail_penalty,
         )
         listeners = ListenerManager.start(
             *on_loop,

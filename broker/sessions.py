@@ -59,8 +59,17 @@ class Session:
     timer: Cancellable | None = None
     health: str | None = None
     health_details: dict[str, Any] | None = None
+    previous_token: str | None = None
     created: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.time)
+
+    def token_matches(self, token: str) -> bool:
+        presented = token.encode("utf-8", "surrogatepass")
+        return any(
+            hmac.compare_digest(presented, valid.encode())
+            for valid in (self.resume_token, self.previous_token)
+            if valid is not None
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,7 +182,7 @@ class SessionManager(LoopActor):
             session is None
             or session.client_id != frame.client_id
             or session.username != frame.username
-            or not hmac.compare_digest(session.resume_token, frame.resume_token)
+            or not session.token_matches(frame.resume_token)
         ):
             tell(
                 conn.ref,
@@ -195,6 +204,9 @@ class SessionManager(LoopActor):
         session.keepalive = frame.keepalive
         if frame.metadata:
             session.metadata = frame.metadata
+        # The token just shown stays good until the client shows the new one: if this
+        # `registered` is lost with the connection, the client can still come back.
+        session.previous_token = frame.resume_token
         self._bind(session, conn, resumed=True, req=frame.req)
 
     def _create(self, frame: Register, conn: ConnHandle) -> None:
@@ -251,7 +263,7 @@ class SessionManager(LoopActor):
         session.generation += 1
         session.conn = conn
         session.last_seen = time.time()
-        # A new token at every bind: a token seen on a dropped connection stops working.
+        # A new token at every bind; with `previous_token`, at most two are ever good.
         session.resume_token = secrets.token_urlsafe(24)
         tell(
             self._subscribers,

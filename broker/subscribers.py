@@ -41,6 +41,7 @@ from broker.queues import SubscriptionQueue
 from protocol import (
     Ack,
     Dropped,
+    Error,
     Ok,
     Ping,
     Pong,
@@ -202,6 +203,9 @@ class SubscriberManager(LoopActor):
                     self._publish(topic, payload, touched)
                     if req is not None:
                         replies.append(encode(Ok(req=req)))
+                case Error():
+                    # The error a malformed frame earned, answered in its turn.
+                    replies.append(encode(op))
                 case _ if not current or subs is None:
                     # Session state is only ever changed by the connection that holds it.
                     continue
@@ -237,8 +241,8 @@ class SubscriberManager(LoopActor):
                     return
                 case _:
                     _log.warning("unexpected_op", op=type(op).__name__)
-        if replies:
-            tell(msg.conn.ref, Outbound(b"".join(replies)))
+        if replies or msg.close:
+            tell(msg.conn.ref, Outbound(b"".join(replies), close=msg.close))
         self._flush(touched)
 
     def _publish(self, topic: str, payload: bytes, touched: dict[str, SessionSubs]) -> None:

@@ -4,7 +4,10 @@ A fresh `register` is checked against the users file by bcrypt in a small thread
 releases the GIL, so hashing never stalls the loop that routes messages); the result comes back
 to this actor as a message and the request goes on to the SessionManager. A resume carries a
 session id and token instead: it goes straight on, with no hash at all. Repeated failures from
-one address are refused with `rate_limited` before any hash is computed.
+one address are answered `rate_limited`, after a delay, instead of `auth_failed`, and such an
+address gets at most two checks at a time (a flood beyond that is refused outright). Within
+that, a correct password still logs in: devices that share one NAT address keep working while
+a neighbour has a wrong password.
 """
 
 from __future__ import annotations
@@ -33,6 +36,10 @@ class _AuthDone:
     error: str | None = None
 
 
+# Checks under way at once for an address past the failure limit; more are refused outright.
+BLOCKED_IN_FLIGHT = 2
+
+
 def _peer_address(peer: str) -> str:
     # "host:port" -> "host": failures count per address, not per connection.
     return peer.rsplit(":", 1)[0]
@@ -50,6 +57,7 @@ class BrokerSupervisor(LoopActor):
         session_manager: Any,
         auth_workers: int,
         limiter: FailureLimiter,
+        failure_penalty: float = 1.0,
     ) -> None:
         super().__init__(loop, loop_thread)
         self._users = users
@@ -59,6 +67,8 @@ class BrokerSupervisor(LoopActor):
         self._sessions = session_manager
         self._limiter = limiter
         self._pool = ThreadPoolExecutor(max_workers=auth_workers, thread_name_prefix="tether-auth")
+        self._penalty = failure_penalty
+        self._in_flight: dict[str, int] = {}  # address -> checks under way
         self.auth_ok = 0
         self.auth_failed = 0
         self.rate_limited = 0
@@ -73,34 +83,41 @@ class BrokerSupervisor(LoopActor):
                     tell(self._sessions, OpenSession(frame, conn, authenticated=False))
                     return None
                 address = _peer_address(conn.peer)
-                if self._limiter.blocked(address, time.monotonic()):
-                    self.rate_limited += 1
-                    _log.warning("auth_rate_limited", peer=conn.peer, client_id=frame.client_id)
-                    tell(
-                        conn.ref,
-                        RegisterRejected(
-                            frame.req,
-                            ErrorCode.RATE_LIMITED,
-                            "too many failed logins from this address: wait and try again",
-                        ),
-                    )
+                blocked = self._limiter.blocked(address, time.monotonic())
+                if blocked and self._in_flight.get(address, 0) >= BLOCKED_IN_FLIGHT:
+                    # A blocked address gets a trickle of checks, not the whole auth pool.
+                    self._refuse(frame.req, conn)
                     return None
+                self._in_flight[address] = self._in_flight.get(address, 0) + 1
                 self._verify(message)
             case _AuthDone(request=request, ok=ok, error=error):
                 frame, conn = request.frame, request.conn
+                address = _peer_address(conn.peer)
+                left = self._in_flight.pop(address, 1) - 1
+                if left:
+                    self._in_flight[address] = left
                 if ok:
+                    # Never throttled: a fleet behind one NAT address keeps logging in while
+                    # one of its devices has a wrong password.
                     self.auth_ok += 1
                     tell(self._sessions, OpenSession(frame, conn, authenticated=True))
+                    return None
+                self.auth_failed += 1
+                now = time.monotonic()
+                blocked = self._limiter.blocked(address, now)
+                self._limiter.record_failure(address, now)
+                _log.info(
+                    "auth_failed",
+                    peer=conn.peer,
+                    client_id=frame.client_id,
+                    username=frame.username,
+                    error=error,
+                    rate_limited=blocked,
+                )
+                if blocked:
+                    # Slowed: a guesser past the limit waits for every wrong answer.
+                    self.loop.call_later(self._penalty, self._refuse, frame.req, conn)
                 else:
-                    self.auth_failed += 1
-                    self._limiter.record_failure(_peer_address(conn.peer), time.monotonic())
-                    _log.info(
-                        "auth_failed",
-                        peer=conn.peer,
-                        client_id=frame.client_id,
-                        username=frame.username,
-                        error=error,
-                    )
                     tell(
                         conn.ref,
                         RegisterRejected(
@@ -117,6 +134,17 @@ class BrokerSupervisor(LoopActor):
             case _:
                 return super().on_receive(message)
         return None
+
+    def _refuse(self, req: int, conn: Any) -> None:
+        self.rate_limited += 1
+        tell(
+            conn.ref,
+            RegisterRejected(
+                req,
+                ErrorCode.RATE_LIMITED,
+                "too many failed logins from this address: wait a minute and try again",
+            ),
+        )
 
     def _verify(self, request: RegisterRequest) -> None:
         frame = request.frame

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 from protocol import (
@@ -14,8 +15,11 @@ from protocol import (
     BrokerFrame,
     ClientFrame,
     FrameDecoder,
+    Ping,
+    Pong,
     Register,
     encode,
+    encode_map,
 )
 
 
@@ -72,10 +76,14 @@ class WireClient:
             self.decoder.receive_data(data)
             raise AssertionError(f"expected close, got data: {self.decoder.next_frame()!r}")
 
-    def register(self, client_id: str, username: str = "alice", password: str | None = "secret",
-                 **kw: Any) -> BrokerFrame:
-        self.send(Register(req=self.next_req(), client_id=client_id, username=username,
-                           password=password, **kw))
+    def register(
+        self, client_id: str, username: str = "alice", password: str | None = "secret", **kw: Any
+    ) -> BrokerFrame:
+        self.send(
+            Register(
+                req=self.next_req(), client_id=client_id, username=username, password=password, **kw
+            )
+        )
         return self.recv()
 
     def close(self) -> None:
@@ -86,3 +94,47 @@ class WireClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # --- helpers for the integration tests (tests/test_integration_*.py) --------------------
+
+    def send_map(self, *maps: dict[str, Any]) -> None:
+        """Send raw wire maps (no frame validation): for malformed requests."""
+        self.sock.sendall(b"".join(encode_map(m) for m in maps))
+
+    def recv_until(
+        self, predicate: Callable[[BrokerFrame], bool], timeout: float | None = None
+    ) -> list[BrokerFrame]:
+        """Frames read up to and including the first one `predicate` accepts."""
+        deadline = time.monotonic() + (timeout if timeout is not None else self.timeout)
+        frames: list[BrokerFrame] = []
+        while True:
+            frame = self.recv(max(0.0, deadline - time.monotonic()))
+            frames.append(frame)
+            if predicate(frame):
+                return frames
+
+    def sync(self, timeout: float | None = None) -> list[BrokerFrame]:
+        """Ping with a fresh req and return every frame that came before its pong."""
+        req = self.next_req()
+        self.send(Ping(req=req))
+        frames = self.recv_until(lambda f: isinstance(f, Pong) and f.req == req, timeout)
+        return frames[:-1]
+
+    def frames_until_closed(self, timeout: float = 5.0) -> list[BrokerFrame]:
+        """Every frame the broker sends until it closes; TimeoutError if it does not close."""
+        deadline = time.monotonic() + timeout
+        frames: list[BrokerFrame] = []
+        while True:
+            try:
+                frames.append(self.recv(max(0.0, deadline - time.monotonic())))
+            except (Closed, ConnectionResetError):
+                return frames
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.01) -> None:
+    """Poll `predicate` until it holds; AssertionError after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(interval)
