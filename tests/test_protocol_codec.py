@@ -554,3 +554,12 @@ def test_fuzz_structured_maps(ftype: str, fields: dict[str, Any]) -> None:
         # Whatever decodes must re-encode and decode to the same frame.
         assert decode_three_ways(encode(frame)) == [frame]
     assert decoder.next_frame() is NEED_DATA
+
+
+@pytest.mark.parametrize("size", [0, 255, 256, 65535, 65536, 70000])
+@pytest.mark.parametrize("seq", [1, 127, 128, 255, 256, 65535, 65536, (1 << 32) - 1, 1 << 32])
+def test_encode_deliver_matches_msgpack_at_every_width(size: int, seq: int) -> None:
+    payload = bytes(size)
+    for redelivered in (False, True):
+        expected = encode(Deliver(topic="t", seq=seq, payload=payload, redelivered=redelivered))
+        assert encode_deliver("t", seq, payload, redelivered) == expected
