@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -148,8 +150,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     list_.set_defaults(func=_cmd_user_list)
 
+    stats = commands.add_parser("stats", help="print a running broker's counters as JSON")
+    stats.add_argument("--host", default="127.0.0.1")
+    stats.add_argument("--port", type=_port, default=7878)
+    stats.add_argument("--username", default="admin")
+    stats.add_argument(
+        "--password-file",
+        type=Path,
+        metavar="PATH",
+        help="read the password from this file (else $TETHER_PASSWORD, else a prompt)",
+    )
+    stats.set_defaults(func=_cmd_stats)
+
     # Later commands hang off `commands` here, each with its own _cmd_* function:
-    #   tether stats   (ask a running broker for its counters)
     #   tether pub     (publish from the command line)
     #   tether sub     (subscribe and print deliveries)
 
@@ -257,4 +270,32 @@ def _cmd_user_list(args: argparse.Namespace) -> int:
     for name in store.names():
         record = store.get(name)
         print(f"{name}\t{record.created if record else ''}")
+    return 0
+
+
+def client_password(password_file: Path | None) -> str:
+    """A password from a file, $TETHER_PASSWORD or a prompt: never from a plain argument."""
+    if password_file is not None:
+        try:
+            text = password_file.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise CliError(f"cannot read the password file: {exc}") from None
+        return text[:-1] if text.endswith("\n") else text
+    env = os.environ.get("TETHER_PASSWORD")
+    if env is not None:
+        return env
+    if not sys.stdin.isatty():
+        raise CliError("no password: set TETHER_PASSWORD or pass --password-file")
+    return getpass.getpass("password: ")
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    from broker.admin import AdminError, fetch_stats
+
+    password = client_password(args.password_file)
+    try:
+        stats = fetch_stats(args.host, args.port, username=args.username, password=password)
+    except AdminError as exc:
+        raise CliError(str(exc)) from None
+    print(json.dumps(stats, indent=2, sort_keys=True))
     return 0

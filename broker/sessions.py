@@ -150,11 +150,7 @@ class SessionManager(LoopActor):
                     self.expired += 1
                     self._remove(session, "expired")
             case GetStats():
-                return {
-                    "sessions": len(self._sessions),
-                    "connected": sum(1 for s in self._sessions.values() if s.conn is not None),
-                    "expired": self.expired,
-                }
+                return {"sessions": len(self._sessions), "expired": self.expired}
             case _:
                 return super().on_receive(message)
         return None

@@ -24,6 +24,7 @@ from typing import Any
 
 import structlog
 
+from broker import passwords
 from broker.loop_actor import LoopActor, tell
 from broker.messages import (
     Attach,
@@ -47,6 +48,8 @@ from protocol import (
     Pong,
     Publish,
     Registered,
+    Stats,
+    StatsResult,
     Subscribe,
     Unregister,
     Unsubscribe,
@@ -89,6 +92,7 @@ class SubscriberManager(LoopActor):
         self.published = 0
         self.delivered = 0
         self.dropped = 0
+        self.expired = 0
 
     def set_session_manager(self, ref: Any) -> None:
         # The two managers know each other; one of them has to learn the other's ref after start.
@@ -112,19 +116,23 @@ class SubscriberManager(LoopActor):
             case DropSession(session_id, reason):
                 self._drop(session_id, reason)
             case GetStats():
-                return {
-                    "subscriber_sessions": len(self._sessions),
-                    "topics": len(self._by_topic),
-                    "published": self.published,
-                    "delivered": self.delivered,
-                    "dropped": self.dropped,
-                    "queued": sum(
-                        len(q) for s in self._sessions.values() for q in s.queues.values()
-                    ),
-                }
+                return dict(self._counters())
             case _:
                 return super().on_receive(message)
         return None
+
+    def _counters(self) -> tuple[tuple[str, int], ...]:
+        return (
+            ("sessions", len(self._sessions)),
+            ("connected", sum(1 for s in self._sessions.values() if s.conn is not None)),
+            ("expired", self.expired),
+            ("bcrypt_hashes", passwords.hash_count()),
+            ("topics", len(self._by_topic)),
+            ("published", self.published),
+            ("delivered", self.delivered),
+            ("dropped", self.dropped),
+            ("queued", sum(len(q) for s in self._sessions.values() for q in s.queues.values())),
+        )
 
     # --- registration -------------------------------------------------------------------
 
@@ -168,6 +176,8 @@ class SubscriberManager(LoopActor):
         subs = self._sessions.pop(session_id, None)
         if subs is None:
             return
+        if reason == "expired":
+            self.expired += 1
         discarded = 0
         for topic, q in subs.queues.items():
             discarded += len(q)
@@ -232,6 +242,10 @@ class SubscriberManager(LoopActor):
                     replies.append(encode(Ok(req=req)))
                 case Ping(req=req):
                     replies.append(encode(Pong(req=req)))
+                case Stats(req=req):
+                    # Answered here, in turn: this actor sees every session come and go.
+                    stats = dict(self._counters())
+                    replies.append(encode(StatsResult(req=req, stats=stats)))
                 case Unregister(req=req):
                     self._drop(msg.session_id, "unregistered")
                     tell(self._session_manager, EndSession(msg.session_id, msg.conn.conn_id))

@@ -242,6 +242,17 @@ class Unregister:
         _int("unregister", "req", self.req)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Stats:
+    """Extension to v1: ask the broker for its counters (answered by `stats_result`)."""
+
+    type: ClassVar[str] = "stats"
+    req: int
+
+    def __post_init__(self) -> None:
+        _int("stats", "req", self.req)
+
+
 # --- broker -> client --------------------------------------------------------------------
 
 
@@ -278,6 +289,19 @@ class Ok:
 
     def __post_init__(self) -> None:
         _int("ok", "req", self.req)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StatsResult:
+    """Extension to v1: the broker's counters, a map of str to int."""
+
+    type: ClassVar[str] = "stats_result"
+    req: int
+    stats: dict[str, Any]
+
+    def __post_init__(self) -> None:
+        _int("stats_result", "req", self.req)
+        _dict("stats_result", "stats", self.stats)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -341,8 +365,8 @@ class Error:
         _str("error", "message", self.message)
 
 
-ClientFrame = Register | Subscribe | Unsubscribe | Publish | Ack | Ping | Unregister
-BrokerFrame = Registered | Ok | Pong | Deliver | Dropped | Error
+ClientFrame = Register | Subscribe | Unsubscribe | Publish | Ack | Ping | Unregister | Stats
+BrokerFrame = Registered | Ok | Pong | Deliver | Dropped | Error | StatsResult
 Frame = ClientFrame | BrokerFrame
 
 _CLIENT_CLASSES: tuple[type[ClientFrame], ...] = (
@@ -353,8 +377,17 @@ _CLIENT_CLASSES: tuple[type[ClientFrame], ...] = (
     Ack,
     Ping,
     Unregister,
+    Stats,
 )
-_BROKER_CLASSES: tuple[type[BrokerFrame], ...] = (Registered, Ok, Pong, Deliver, Dropped, Error)
+_BROKER_CLASSES: tuple[type[BrokerFrame], ...] = (
+    Registered,
+    Ok,
+    Pong,
+    Deliver,
+    Dropped,
+    Error,
+    StatsResult,
+)
 
 CLIENT_FRAME_TYPES: Mapping[str, type[ClientFrame]] = MappingProxyType(
     {c.type: c for c in _CLIENT_CLASSES}

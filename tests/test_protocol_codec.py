@@ -38,6 +38,8 @@ from protocol import (
     Register,
     Registered,
     RemoteProtocolError,
+    Stats,
+    StatsResult,
     Subscribe,
     Unregister,
     Unsubscribe,
@@ -109,9 +111,11 @@ client_frames: st.SearchStrategy[Frame] = st.one_of(
         details=st.none() | msgpack_maps,
     ),
     st.builds(Unregister, req=ints),
+    st.builds(Stats, req=ints),
 )
 
 broker_frames: st.SearchStrategy[Frame] = st.one_of(
+    st.builds(StatsResult, req=ints, stats=st.dictionaries(st.text(max_size=20), non_neg)),
     st.builds(
         Registered,
         req=ints,

@@ -47,9 +47,11 @@ def test_frame_type_strings() -> None:
         name: name for name in FRAME_TYPES
     }
     assert set(CLIENT_FRAME_TYPES) == {
-        "register", "subscribe", "unsubscribe", "publish", "ack", "ping", "unregister"
+        "register", "subscribe", "unsubscribe", "publish", "ack", "ping", "unregister", "stats"
     }  # fmt: skip
-    assert set(BROKER_FRAME_TYPES) == {"registered", "ok", "pong", "deliver", "dropped", "error"}
+    assert set(BROKER_FRAME_TYPES) == {
+        "registered", "ok", "pong", "deliver", "dropped", "error", "stats_result"
+    }  # fmt: skip
     assert dict(FRAME_TYPES) == {**CLIENT_FRAME_TYPES, **BROKER_FRAME_TYPES}
 
 
