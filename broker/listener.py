@@ -35,13 +35,13 @@ from broker.messages import (
 from broker.netedge import Link
 from protocol import (
     CLIENT_FRAME_TYPES,
-    NEED_DATA,
-    BadRequest,
+    Ack,
     ClientFrame,
     Error,
     ErrorCode,
     FrameDecoder,
     Ping,
+    Publish,
     Register,
     RemoteProtocolError,
     Unregister,
@@ -126,23 +126,13 @@ class Listener(LoopActor):
         if self.state is State.CLOSING or self._done_reading:
             return
         self._decoder.receive_data(data)
-        items: list[Item] = []
-        while True:
-            try:
-                frame = self._decoder.next_frame()
-            except BadRequest as exc:
-                items.append(exc)
-                continue
-            except RemoteProtocolError as exc:
-                # Fatal: it is answered after everything before it, then the connection closes.
-                self._log.info("protocol_error", code=str(exc.code), error=str(exc))
-                items.append(exc)
-                self._done_reading = True
-                break
-            if frame is NEED_DATA:
-                break
-            items.append(frame)  # type: ignore[arg-type]
-        self._handle_items(items)
+        items, fatal = self._decoder.drain()
+        if fatal is not None:
+            # Answered after everything before it, then the connection closes.
+            self._log.info("protocol_error", code=str(fatal.code), error=str(fatal))
+            items.append(fatal)  # type: ignore[arg-type]
+            self._done_reading = True
+        self._handle_items(items)  # type: ignore[arg-type]
 
     def on_writable(self, writable: bool) -> None:
         if writable and self._owed_credit and self._session_id is not None:
@@ -238,7 +228,9 @@ class Listener(LoopActor):
         close = False
         for index, item in enumerate(items):
             state = self.state
-            if state is State.ACTIVE:
+            if state is State.ACTIVE and (item.__class__ is Publish or item.__class__ is Ack):
+                ops.append(item)  # the data path: no further checks
+            elif state is State.ACTIVE:
                 if isinstance(item, RemoteProtocolError):
                     ops.append(Error(req=item.req, code=item.code, message=str(item)))
                     if item.fatal:

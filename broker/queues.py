@@ -39,8 +39,9 @@ class SubscriptionQueue:
         self.max_count = max_count
         self.max_bytes = max_bytes
         self.next_seq = next_seq
-        self.pending: deque[Entry] = deque()
-        self.unacked: deque[Entry] = deque()
+        # Plain (seq, payload) tuples: one is made per message and per subscriber.
+        self.pending: deque[tuple[int, bytes]] = deque()
+        self.unacked: deque[tuple[int, bytes]] = deque()
         self.bytes = 0
         self.redeliver_upto = 0
         self.dropped_live = 0  # overflow while connected, not yet told to the client
@@ -51,14 +52,20 @@ class SubscriptionQueue:
 
     def push(self, payload: bytes, *, connected: bool) -> int:
         """Queue one message; returns how many of the oldest were dropped to make room."""
-        self.pending.append(Entry(self.next_seq, payload))
-        self.next_seq += 1
+        seq = self.next_seq
+        self.pending.append((seq, payload))
+        self.next_seq = seq + 1
         self.bytes += len(payload)
+        if len(self.pending) + len(self.unacked) <= self.max_count and self.bytes <= self.max_bytes:
+            return 0
+        return self._make_room(connected)
+
+    def _make_room(self, connected: bool) -> int:
         dropped = 0
         # A single message larger than the byte bound is still kept: it is the newest.
         while len(self) > self.max_count or (self.bytes > self.max_bytes and len(self) > 1):
             oldest = self.unacked.popleft() if self.unacked else self.pending.popleft()
-            self.bytes -= len(oldest.payload)
+            self.bytes -= len(oldest[1])
             dropped += 1
         if dropped:
             if connected:
@@ -71,8 +78,8 @@ class SubscriptionQueue:
         """Cumulative ack of every sent delivery up to `seq`; returns how many were removed."""
         removed = 0
         unacked = self.unacked
-        while unacked and unacked[0].seq <= seq:
-            self.bytes -= len(unacked.popleft().payload)
+        while unacked and unacked[0][0] <= seq:
+            self.bytes -= len(unacked.popleft()[1])
             removed += 1
         return removed
 
@@ -82,12 +89,12 @@ class SubscriptionQueue:
             return None
         entry = self.pending.popleft()
         self.unacked.append(entry)
-        return entry
+        return Entry(*entry)
 
     def requeue_unacked(self) -> None:
         """The connection is gone: what it was sent and did not ack goes out again first."""
         if self.unacked:
-            self.redeliver_upto = max(self.redeliver_upto, self.unacked[-1].seq)
+            self.redeliver_upto = max(self.redeliver_upto, self.unacked[-1][0])
             self.pending.extendleft(reversed(self.unacked))
             self.unacked.clear()
 

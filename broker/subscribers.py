@@ -283,17 +283,24 @@ class SubscriberManager(LoopActor):
         chunks: list[bytes] = []
         sent = 0
         credit = subs.credit
+        append = chunks.append
         for q in subs.queues.values():
             if q.dropped_live:
-                chunks.append(encode(Dropped(topic=q.topic, count=q.dropped_live)))
+                append(encode(Dropped(topic=q.topic, count=q.dropped_live)))
                 q.dropped_live = 0
-            topic = q.topic
-            while credit > 0:
-                entry = q.take()
-                if entry is None:
-                    break
-                frame = encode_deliver(topic, entry.seq, entry.payload, q.is_redelivery(entry.seq))
-                chunks.append(frame)
+            # SubscriptionQueue.take() inlined: this loop runs once per delivery.
+            topic, pending, unacked, redeliver_upto = (
+                q.topic,
+                q.pending,
+                q.unacked,
+                q.redeliver_upto,
+            )
+            while credit > 0 and pending:
+                entry = pending.popleft()
+                unacked.append(entry)
+                seq, payload = entry
+                frame = encode_deliver(topic, seq, payload, seq <= redeliver_upto)
+                append(frame)
                 credit -= len(frame)
                 sent += 1
         if not chunks:

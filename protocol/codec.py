@@ -10,7 +10,7 @@ from typing import Any, Final
 
 import msgpack
 
-from .errors import BadFrame, FrameTooLarge, RemoteProtocolError
+from .errors import BadFrame, BadRequest, FrameTooLarge, RemoteProtocolError
 from .frames import DEFAULT_MAX_FRAME, FRAME_TYPES, Frame, from_wire, to_wire
 
 __all__ = [
@@ -60,6 +60,25 @@ def _check_nested(root: object) -> None:
             stack.extend(x)  # type: ignore[call-overload]
         elif x.__class__ is msgpack.Timestamp:
             raise BadFrame("msgpack ext types are not allowed")
+
+
+def _wire_map(body: bytes | bytearray) -> dict[str, Any]:
+    """The frame body as a map with str keys and a str `type`, or `BadFrame`."""
+    try:
+        m = msgpack.unpackb(body, raw=False, strict_map_key=False, ext_hook=_reject_ext)
+    except Exception as e:  # msgpack raises several unrelated types for bad input
+        raise BadFrame(f"undecodable frame body: {e}") from None
+    if m.__class__ is not dict:
+        raise BadFrame(f"frame body is a {type(m).__name__}, not a map")
+    for k, v in m.items():
+        if k.__class__ is not str:
+            raise BadFrame(f"frame keys must be str, got {type(k).__name__}")
+        vc = v.__class__
+        if vc is dict or vc is list or vc is msgpack.Timestamp:
+            _check_nested(v)
+    if m.get("type").__class__ is not str:
+        raise BadFrame("frame has no str 'type' key")
+    return m  # type: ignore[no-any-return]
 
 
 class FrameDecoder:
@@ -131,25 +150,54 @@ class FrameDecoder:
             return NEED_DATA
         self._pos = end
         try:
-            m = msgpack.unpackb(
-                buf[start:end], raw=False, strict_map_key=False, ext_hook=_reject_ext
-            )
-        except Exception as e:  # msgpack raises several unrelated types for bad input
-            raise self._fatal(BadFrame(f"undecodable frame body: {e}")) from None
-        if m.__class__ is not dict:
-            raise self._fatal(BadFrame(f"frame body is a {type(m).__name__}, not a map"))
-        try:
-            for k, v in m.items():
-                if k.__class__ is not str:
-                    raise BadFrame(f"frame keys must be str, got {type(k).__name__}")
-                vc = v.__class__
-                if vc is dict or vc is list or vc is msgpack.Timestamp:
-                    _check_nested(v)
+            m = _wire_map(buf[start:end])
         except BadFrame as e:
             raise self._fatal(e) from None
-        if m.get("type").__class__ is not str:
-            raise self._fatal(BadFrame("frame has no str 'type' key"))
         return from_wire(m, accept=self._accept)
+
+    def drain(self) -> tuple[list[Frame | BadRequest], RemoteProtocolError | None]:
+        """Every complete frame held, in order, in one pass (the broker's per-read path).
+
+        A frame that earned a `BadRequest` is stood in for by that error, in its place. A
+        fatal error ends the list, is returned beside it, and ends the decoder as in
+        `next_frame`.
+        """
+        items: list[Frame | BadRequest] = []
+        if self._error is not None:
+            return items, self._error
+        buf = self._buf
+        pos = self._pos
+        size = len(buf)
+        max_frame = self._max_frame
+        accept = self._accept
+        unpack_prefix = _PREFIX.unpack_from
+        append = items.append
+        fatal: RemoteProtocolError | None = None
+        while size - pos >= 4:
+            (n,) = unpack_prefix(buf, pos)
+            if n > max_frame:
+                fatal = FrameTooLarge(size=n, limit=max_frame)
+                break
+            if n == 0:
+                fatal = BadFrame("empty frame (length prefix 0)")
+                break
+            end = pos + 4 + n
+            if end > size:
+                break
+            try:
+                m = _wire_map(buf[pos + 4 : end])
+            except BadFrame as e:
+                fatal = e
+                break
+            pos = end
+            try:
+                append(from_wire(m, accept=accept))
+            except BadRequest as e:
+                append(e)
+        self._pos = pos
+        if fatal is not None:
+            self._fatal(fatal)
+        return items, fatal
 
     def frames(self) -> Iterator[Frame]:
         """Yield frames until `NEED_DATA`; errors propagate like from `next_frame`."""

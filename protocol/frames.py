@@ -437,10 +437,19 @@ def from_wire(m: dict[str, Any], *, accept: Mapping[str, type]) -> Frame:
     Raises `BadRequest` (carrying `req` when `m` has an int `req`) for an unknown type,
     a missing field or an invalid value. Keys not part of the frame are ignored.
     """
+    ftype = m.get("type")
+    if ftype == "publish" and accept.get("publish") is Publish:
+        # The hot path: one frame of this kind per message, so no generic field walk.
+        topic, payload, preq = m.get("topic"), m.get("payload"), m.get("req")
+        if topic is not None and payload is not None:
+            try:
+                return Publish(topic=topic, payload=payload, req=preq)
+            except LocalProtocolError as e:
+                req = preq if preq.__class__ is int else None
+                raise BadRequest(str(e), req=req, frame_type=ftype, field=e.field) from None
     req = m.get("req")
     if req.__class__ is not int:
         req = None
-    ftype = m.get("type")
     cls = accept.get(ftype) if isinstance(ftype, str) else None
     if cls is None:
         raise BadRequest(

@@ -567,3 +567,67 @@ def test_encode_deliver_matches_msgpack_at_every_width(size: int, seq: int) -> N
     for redelivered in (False, True):
         expected = encode(Deliver(topic="t", seq=seq, payload=payload, redelivered=redelivered))
         assert encode_deliver("t", seq, payload, redelivered) == expected
+
+
+# --- drain(): the broker's batch path must agree with next_frame() ------------------------
+
+
+def _next_frame_items(data: bytes, chunks: list[int]) -> tuple[list[Any], str | None]:
+    dec = FrameDecoder(accept=CLIENT_FRAME_TYPES, max_frame=4096)
+    out: list[Any] = []
+    for piece in _split(data, chunks):
+        dec.receive_data(piece)
+        while True:
+            try:
+                frame = dec.next_frame()
+            except BadRequest as e:
+                out.append(("bad_request", e.req))
+                continue
+            except RemoteProtocolError as e:
+                return out, str(e.code)
+            if frame is NEED_DATA:
+                break
+            out.append(frame)
+    return out, None
+
+
+def _drain_items(data: bytes, chunks: list[int]) -> tuple[list[Any], str | None]:
+    dec = FrameDecoder(accept=CLIENT_FRAME_TYPES, max_frame=4096)
+    out: list[Any] = []
+    for piece in _split(data, chunks):
+        dec.receive_data(piece)
+        items, fatal = dec.drain()
+        out.extend(("bad_request", i.req) if isinstance(i, BadRequest) else i for i in items)
+        if fatal is not None:
+            assert dec.drain() == ([], fatal)  # the decoder stays failed
+            return out, str(fatal.code)
+    return out, None
+
+
+def _split(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    edges = [0, *points, len(data)]
+    return [data[a:b] for a, b in zip(edges, edges[1:], strict=False)]
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    frames=st.lists(client_frames, max_size=6),
+    junk=st.sampled_from(
+        [
+            b"",
+            encode_map({"type": "nope", "req": 3}),  # bad_request, decoding goes on
+            encode_map({"type": "publish", "topic": "t", "payload": "str", "req": 4}),
+            b"\x00\x00\x00\x02\xc1\xc1",  # bad_frame: ends the stream
+            b"\x00\x00\x00\x00",  # empty frame
+            b"\x00\x10\x00\x00",  # frame_too_large from the prefix alone
+        ]
+    ),
+    more=st.lists(client_frames, max_size=3),
+    cuts=st.lists(st.integers(min_value=0, max_value=10_000), max_size=6),
+)
+def test_drain_agrees_with_next_frame(
+    frames: list[Frame], junk: bytes, more: list[Frame], cuts: list[int]
+) -> None:
+    data = encode_many(frames) + junk + encode_many(more)
+    assert _drain_items(data, cuts) == _next_frame_items(data, cuts)

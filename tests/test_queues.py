@@ -1,0 +1,185 @@
+"""Property tests of the pure `SubscriptionQueue` (one subscription's dead-letter queue).
+
+A hypothesis state machine drives random sequences of push / take / ack / requeue_unacked
+against a deliberately naive model: the list of held messages in seq order, of which a prefix
+has been sent (taking always sends the oldest unsent one, and a requeue makes them all unsent
+again). Every pushed message is tracked until it is acked or dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    rule,
+)
+
+from broker.queues import Entry, SubscriptionQueue
+
+payloads = st.binary(max_size=12)
+
+
+@dataclass
+class Held:
+    seq: int
+    payload: bytes
+    sends: int = 0  # how many times `take` handed it out
+
+
+class QueueMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.q: SubscriptionQueue | None = None
+        self.held: list[Held] = []
+        self.n_sent = 0  # held[:n_sent] is what was sent and not acked
+        self.next_seq = 1
+        self.pushed: dict[int, bytes] = {}
+        self.acked: set[int] = set()
+        self.dropped: set[int] = set()
+        self.dropped_live = 0
+        self.dropped_away = 0
+
+    @initialize(
+        max_count=st.integers(1, 6),
+        max_bytes=st.integers(0, 40),
+        first_seq=st.integers(1, 50),
+    )
+    def start(self, max_count: int, max_bytes: int, first_seq: int) -> None:
+        self.q = SubscriptionQueue(
+            "t", max_count=max_count, max_bytes=max_bytes, next_seq=first_seq
+        )
+        self.next_seq = first_seq
+
+    @property
+    def queue(self) -> SubscriptionQueue:
+        assert self.q is not None
+        return self.q
+
+    @rule(payload=payloads, connected=st.booleans())
+    def push(self, payload: bytes, connected: bool) -> None:
+        q = self.queue
+        seq = self.next_seq
+        self.next_seq += 1
+        self.pushed[seq] = payload
+        self.held.append(Held(seq, payload))
+        dropped = q.push(payload, connected=connected)
+        # The model's own overflow rule: oldest first, never the one just pushed.
+        expected_drops = 0
+        while len(self.held) > q.max_count or (
+            sum(len(h.payload) for h in self.held) > q.max_bytes and len(self.held) > 1
+        ):
+            oldest = self.held.pop(0)
+            self.dropped.add(oldest.seq)
+            if self.n_sent:
+                self.n_sent -= 1
+            expected_drops += 1
+        assert dropped == expected_drops
+        if connected:
+            self.dropped_live += dropped
+        else:
+            self.dropped_away += dropped
+        # The newest message is always kept, under the seq it was given in push order.
+        assert q.pending[-1] == Entry(seq, payload)
+        assert q.next_seq == self.next_seq
+
+    @rule()
+    def take(self) -> None:
+        q = self.queue
+        entry = q.take()
+        if self.n_sent == len(self.held):
+            assert entry is None
+            return
+        expected = self.held[self.n_sent]
+        assert entry == Entry(expected.seq, expected.payload)
+        # Flagged as a redelivery exactly when an earlier connection was sent it already.
+        assert q.is_redelivery(entry.seq) == (expected.sends > 0)
+        expected.sends += 1
+        self.n_sent += 1
+
+    @rule(data=st.data())
+    def ack(self, data: st.DataObject) -> None:
+        q = self.queue
+        lo = self.held[0].seq - 2 if self.held else self.next_seq - 2
+        seq = data.draw(st.integers(max(0, lo), self.next_seq + 1), label="seq")
+        pending_before = list(q.pending)
+        removed = q.ack(seq)
+        expected = 0
+        while self.n_sent and self.held[0].seq <= seq:
+            self.acked.add(self.held.pop(0).seq)
+            self.n_sent -= 1
+            expected += 1
+        assert removed == expected
+        # Only sent entries go: whatever was pending stays, however high the ack.
+        assert list(q.pending) == pending_before
+
+    @rule()
+    def requeue_unacked(self) -> None:
+        self.queue.requeue_unacked()
+        self.n_sent = 0
+
+    @invariant()
+    def matches_model(self) -> None:
+        if self.q is None:
+            return
+        q = self.q
+        assert list(q.unacked) == [Entry(h.seq, h.payload) for h in self.held[: self.n_sent]]
+        assert list(q.pending) == [Entry(h.seq, h.payload) for h in self.held[self.n_sent :]]
+
+    @invariant()
+    def bounds_and_accounting(self) -> None:
+        if self.q is None:
+            return
+        q = self.q
+        seqs = [seq for seq, _ in (*q.unacked, *q.pending)]
+        # A contiguous run of seqs, oldest first, ending at the newest pushed.
+        if seqs:
+            assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+            assert seqs[-1] == q.next_seq - 1
+        assert len(q) == len(seqs) <= q.max_count
+        assert q.bytes == sum(len(payload) for _, payload in (*q.unacked, *q.pending))
+        assert q.bytes <= q.max_bytes or len(q) <= 1
+        assert q.dropped_live == self.dropped_live
+        assert q.dropped_away == self.dropped_away
+        assert self.dropped_live + self.dropped_away == len(self.dropped)
+        # Every pushed message is exactly one of: acked, dropped (and counted), still held.
+        held = set(seqs)
+        assert not (self.acked & self.dropped)
+        assert not (held & (self.acked | self.dropped))
+        assert self.acked | self.dropped | held == set(self.pushed)
+        for seq, payload in (*q.unacked, *q.pending):
+            assert self.pushed[seq] == payload
+
+
+QueueMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)
+TestSubscriptionQueue = QueueMachine.TestCase
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(payloads, min_size=1, max_size=20), st.integers(1, 30))
+def test_requeued_entries_come_first_flagged(batch: list[bytes], split: int) -> None:
+    """Sent-but-unacked messages go out again, flagged, before anything pushed later."""
+    q = SubscriptionQueue("t", max_count=100, max_bytes=10_000)
+    for p in batch:
+        q.push(p, connected=True)
+    sent = [q.take() for _ in range(min(split, len(batch)))]
+    q.requeue_unacked()
+    q.push(b"newer", connected=False)
+    again = [q.take() for _ in range(len(batch) + 1)]
+    assert None not in again and q.take() is None
+    assert [e.seq for e in again] == list(range(1, len(batch) + 2))  # type: ignore[union-attr]
+    assert again[-1] == Entry(len(batch) + 1, b"newer")
+    flagged = [q.is_redelivery(e.seq) for e in again]  # type: ignore[union-attr]
+    assert flagged == [True] * len(sent) + [False] * (len(batch) + 1 - len(sent))
+
+
+def test_oversized_message_is_kept_alone() -> None:
+    q = SubscriptionQueue("t", max_count=10, max_bytes=5)
+    assert q.push(b"abc", connected=True) == 0
+    assert q.push(b"0123456789", connected=False) == 1
+    assert list(q.pending) == [Entry(2, b"0123456789")]
+    assert (q.dropped_live, q.dropped_away, q.bytes) == (0, 1, 10)
