@@ -6,6 +6,11 @@ the bytes is the business of a `ConnectionHandler` (the Listener actor), reached
 small `ConnectionHandler` protocol, so handlers are testable without sockets, and the handler
 talks back through the equally small `Link` protocol.
 
+Backpressure: past the outbound high-water mark the connection stops reading too, so a peer
+that does not read what it is sent cannot make the broker buffer answers without bound. The
+idle timer counts silence as "no progress either way": a peer that neither sends nor drains
+its socket for the whole timeout is cut off, one that is merely slow is not.
+
 Everything here runs on the broker's event loop thread, as do the handlers' message handling:
 the handler's state is only ever touched by that thread.
 """
@@ -66,6 +71,7 @@ class Connection(asyncio.Protocol):
         self._deadline_timer: asyncio.TimerHandle | None = None
         self._last_rx = 0.0
         self._writable = True
+        self._handler_paused = False  # the handler asked not to read (registering, closing)
         self._closing = False
         self.peer = "?"
 
@@ -90,12 +96,17 @@ class Connection(asyncio.Protocol):
         return False  # close our side too: a half-open session is of no use
 
     def pause_writing(self) -> None:
+        # Backpressure both ways: a peer that does not read its answers stops being read,
+        # so nothing it sends can pile up replies in memory.
         self._writable = False
+        self._apply_reading()
         if self._handler is not None:
             self._handler.on_writable(False)
 
     def resume_writing(self) -> None:
         self._writable = True
+        self._last_rx = self._loop.time()  # the peer made progress: it read
+        self._apply_reading()
         if self._handler is not None:
             self._handler.on_writable(True)
 
@@ -151,12 +162,22 @@ class Connection(asyncio.Protocol):
             self._handler.on_deadline()
 
     def pause_reading(self) -> None:
-        if self._transport is not None and not self._closing:
-            self._transport.pause_reading()
+        self._handler_paused = True
+        self._apply_reading()
 
     def resume_reading(self) -> None:
-        if self._transport is not None and not self._closing:
-            self._transport.resume_reading()
+        self._handler_paused = False
+        self._apply_reading()
+
+    def _apply_reading(self) -> None:
+        transport = self._transport
+        if transport is None or self._closing:
+            return
+        if self._handler_paused or not self._writable:
+            if transport.is_reading():
+                transport.pause_reading()
+        elif not transport.is_reading():
+            transport.resume_reading()
 
     def _check_idle(self) -> None:
         self._idle_timer = None
