@@ -1,15 +1,17 @@
-"""Shared bench plumbing: a broker in its own process, and fast raw-socket clients."""
+"""Shared bench plumbing: servers in their own processes, process metrics, blocking clients."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import resource
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,62 +26,39 @@ from protocol import (
     FrameDecoder,
     Register,
     Registered,
+    Stats,
+    StatsResult,
     encode,
 )
 
+HOST = "127.0.0.1"  # loopback only: the bench never listens or connects elsewhere
 BENCH_USER = "bench"
 BENCH_PASSWORD = "bench-password"
 BENCH_COST = 4  # a low bcrypt cost, said in every report: fresh registrations hash once each
+BURST_USER = "burst"
+BURST_PASSWORD = "burst-password"
+BURST_COST = 12  # the registration burst uses the production default cost
+# Bench sessions must never be closed for silence, however long a scenario idles.
+KEEPALIVE = 3600
+CLIENT_MAX_FRAME = DEFAULT_MAX_FRAME + DELIVER_HEADROOM
+
+
+class BenchError(Exception):
+    """A scenario could not run to the end (timeout, dead server, refused request)."""
+
+
+def raise_nofile() -> int:
+    """Raise this process's open-file soft limit to the hard limit; return the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
 
 
 def free_port() -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((HOST, 0))
         return int(s.getsockname()[1])
-
-
-@contextmanager
-def broker_process(*extra: str) -> Iterator[tuple[str, int, subprocess.Popen[bytes]]]:
-    """Start `tether serve` in a child process on a free loopback port; stop it after."""
-    from broker.users import add_user
-
-    with tempfile.TemporaryDirectory(prefix="tether-bench-") as tmp:
-        users = Path(tmp) / "users.json"
-        add_user(users, BENCH_USER, BENCH_PASSWORD, cost=BENCH_COST)
-        port = free_port()
-        cmd = [
-            sys.executable,
-            "-m",
-            "broker",
-            "serve",
-            "--port",
-            str(port),
-            "--users",
-            str(users),
-            "--log-format",
-            "json",
-            "--log-level",
-            "warning",
-            *extra,
-        ]
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            deadline = time.monotonic() + 20
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                    break
-                except OSError:
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError("the broker did not start") from None
-                    time.sleep(0.05)
-            yield "127.0.0.1", port, proc
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
 
 
 def rss_kib(pid: int) -> int:
@@ -90,51 +69,153 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-class RawClient:
-    """A blocking client tuned for load: batched writes, incremental parsing."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a live process, from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-    def __init__(self, address: tuple[str, int]) -> None:
-        self.sock = socket.create_connection(address)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.decoder = FrameDecoder(
-            max_frame=DEFAULT_MAX_FRAME + DELIVER_HEADROOM, accept=BROKER_FRAME_TYPES
+
+@dataclass
+class Server:
+    """A broker or relay running in a child process."""
+
+    name: str
+    host: str
+    port: int
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return (self.host, self.port)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def cpu(self) -> float:
+        return cpu_seconds(self.proc.pid)
+
+    def rss_kib(self) -> int:
+        return rss_kib(self.proc.pid)
+
+    def check_alive(self) -> None:
+        code = self.proc.poll()
+        if code is not None:
+            raise BenchError(f"the {self.name} exited with status {code}; log: {self.log_tail()}")
+
+    def log_tail(self, lines: int = 5) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return "(no log)"
+        return " | ".join(text[-lines:]) or "(empty log)"
+
+
+@contextlib.contextmanager
+def _server(name: str, cmd: Sequence[str], port: int, tmp: Path) -> Iterator[Server]:
+    log_path = tmp / f"{name}.log"
+    with open(log_path, "wb") as log:
+        # The child raises its own fd limit before exec: 10,000 sessions need 10,000 sockets.
+        proc = subprocess.Popen(
+            list(cmd), stdout=log, stderr=subprocess.STDOUT, preexec_fn=raise_nofile
         )
+    server = Server(name, HOST, port, proc, log_path)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection((HOST, port), timeout=1).close()
+                break
+            except OSError:
+                server.check_alive()
+                if time.monotonic() > deadline:
+                    raise BenchError(f"the {name} did not listen within 20 s") from None
+                time.sleep(0.05)
+        yield server
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def broker_process(*extra: str, burst_cost: int | None = None) -> Iterator[Server]:
+    """Start `tether serve` in a child process on a free loopback port; stop it after.
+
+    The users file holds the bench user (cost BENCH_COST) and, with `burst_cost`, the burst
+    user (at that cost) for fresh registrations that cost what they cost in production.
+    """
+    from broker.users import add_user
+
+    with tempfile.TemporaryDirectory(prefix="tether-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        users = tmp / "users.json"
+        add_user(users, BENCH_USER, BENCH_PASSWORD, cost=BENCH_COST)
+        if burst_cost is not None:
+            add_user(users, BURST_USER, BURST_PASSWORD, cost=burst_cost)
+        port = free_port()
+        cmd = [
+            *(sys.executable, "-m", "broker", "serve", "--host", HOST, "--port", str(port)),
+            *("--users", str(users), "--log-format", "json", "--log-level", "warning"),
+            *extra,
+        ]
+        with _server("broker", cmd, port, tmp) as server:
+            yield server
+
+
+@contextlib.contextmanager
+def relay_process() -> Iterator[Server]:
+    """Start the baseline relay (bench/relay.py) in a child process on a free loopback port."""
+    with tempfile.TemporaryDirectory(prefix="tether-relay-") as tmp_name:
+        port = free_port()
+        cmd = [sys.executable, "-m", "bench.relay", "--host", HOST, "--port", str(port)]
+        with _server("relay", cmd, port, Path(tmp_name)) as server:
+            yield server
+
+
+class RawClient:
+    """A blocking client: batched writes, incremental parsing, a timeout on every read."""
+
+    def __init__(self, address: tuple[str, int], *, timeout: float = 30.0) -> None:
+        self.sock = socket.create_connection(address, timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.decoder = FrameDecoder(max_frame=CLIENT_MAX_FRAME, accept=BROKER_FRAME_TYPES)
 
     def send(self, *frames: ClientFrame) -> None:
-        self.sock.sendall(b"".join(encode(f) for f in frames))
+        self.sock.sendall(b"".join([encode(f) for f in frames]))
 
-    def read_frames(self) -> list[BrokerFrame]:
-        """Blocks for at least one read; returns every whole frame it holds."""
-        data = self.sock.recv(1 << 20)
+    def _fill(self) -> None:
+        try:
+            data = self.sock.recv(1 << 20)
+        except TimeoutError:
+            raise BenchError("no answer from the server within the timeout") from None
         if not data:
-            raise ConnectionError("broker closed the connection")
+            raise BenchError("the server closed the connection")
         self.decoder.receive_data(data)
-        out: list[BrokerFrame] = []
-        while (frame := self.decoder.next_frame()) is not NEED_DATA:
-            out.append(frame)  # type: ignore[arg-type]
-        return out
 
     def recv(self) -> BrokerFrame:
         while (frame := self.decoder.next_frame()) is NEED_DATA:
-            data = self.sock.recv(1 << 20)
-            if not data:
-                raise ConnectionError("broker closed the connection")
-            self.decoder.receive_data(data)
+            self._fill()
         return frame  # type: ignore[return-value]
 
-    def register(self, client_id: str, **kw: Any) -> Registered:
-        self.send(
-            Register(
-                req=0,
-                client_id=client_id,
-                username=BENCH_USER,
-                password=kw.pop("password", BENCH_PASSWORD),
-                **kw,
-            )
-        )  # type: ignore[arg-type]
+    def register(
+        self,
+        client_id: str,
+        *,
+        username: str = BENCH_USER,
+        password: str | None = BENCH_PASSWORD,
+        **kw: Any,
+    ) -> Registered:
+        kw.setdefault("keepalive", KEEPALIVE)
+        self.send(Register(req=0, client_id=client_id, username=username, password=password, **kw))
         frame = self.recv()
         if not isinstance(frame, Registered):
-            raise RuntimeError(f"register failed: {frame!r}")
+            raise BenchError(f"register {client_id!r} failed: {frame!r}")
         return frame
 
     def ack(self, topic: str, seq: int) -> None:
@@ -144,7 +225,37 @@ class RawClient:
         self.sock.close()
 
 
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+class Monitor:
+    """One long-lived session that asks the broker for its counters (`stats` frames).
+
+    A single registration up front: polling must not itself cost bcrypt hashes, which
+    `tether stats` (a fresh session each time) would.
+    """
+
+    def __init__(self, address: tuple[str, int]) -> None:
+        self.client = RawClient(address, timeout=30)
+        self.client.register(f"bench-monitor-{os.getpid()}")
+        self._req = 0
+
+    def stats(self) -> dict[str, Any]:
+        self._req += 1
+        self.client.send(Stats(req=self._req))
+        for _ in range(1000):  # only stats results are expected on this session
+            frame = self.client.recv()
+            if isinstance(frame, StatsResult) and frame.req == self._req:
+                return dict(frame.stats)
+        raise BenchError("the broker did not answer a stats request")
+
+    def wait_for(self, key: str, want: int, timeout: float) -> dict[str, Any]:
+        """Poll until stats[key] == want (e.g. every dropped connection seen by the broker)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            stats = self.stats()
+            if stats.get(key) == want:
+                return stats
+            if time.monotonic() > deadline:
+                raise BenchError(f"broker stats {key}={stats.get(key)}, expected {want}")
+            time.sleep(0.02)
+
+    def close(self) -> None:
+        self.client.close()

@@ -607,7 +607,7 @@ def _drain_items(data: bytes, chunks: list[int]) -> tuple[list[Any], str | None]
 def _split(data: bytes, cuts: list[int]) -> list[bytes]:
     points = sorted({c % (len(data) + 1) for c in cuts})
     edges = [0, *points, len(data)]
-    return [data[a:b] for a, b in zip(edges, edges[1:], strict=False)]
+    return [data[a:b] for a, b in itertools.pairwise(edges)]
 
 
 @settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])

@@ -1,0 +1,104 @@
+"""`scripts/bench`: run the load tests and report them.
+
+    scripts/bench [--quick] [--out DIR] [SCENARIO ...]
+
+Scenarios: throughput, fan-out, fan-in, connections, drain, storm, latency, burst (all by
+default). Exit status: 0 when every check held (a missed target is a MISS in the table, not a
+failure, unless --strict), 1 when anything was lost, duplicated, reordered or failed to run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from bench.harness import BENCH_COST
+from bench.report import (
+    Console,
+    ScenarioResult,
+    header,
+    machine,
+    now_iso,
+    result_dict,
+    summary,
+    table,
+    write_json,
+)
+from bench.scenarios import FULL, QUICK, SCENARIOS, run_scenario
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="scripts/bench", description="Tether load tests (each against its own broker)."
+    )
+    parser.add_argument(
+        "scenarios",
+        nargs="*",
+        metavar="SCENARIO",
+        help=f"which to run (default: all): {', '.join(SCENARIOS)}",
+    )
+    parser.add_argument("--quick", action="store_true", help="small sizes: all in under 2 min")
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help="results directory (default: bench/results)"
+    )
+    parser.add_argument(
+        "--strict", action="store_true", help="exit 2 when a target is missed (checks all held)"
+    )
+    args = parser.parse_args(argv)
+    unknown = [s for s in args.scenarios if s not in SCENARIOS]
+    if unknown:
+        parser.error(f"unknown scenario {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    names = args.scenarios or list(SCENARIOS)
+    sizes = QUICK if args.quick else FULL
+    console = Console()
+    info = machine()
+    date = now_iso()
+    print(header(info, date, args.quick, BENCH_COST), flush=True)
+    t0 = time.monotonic()
+    results: list[ScenarioResult] = []
+    for name in names:
+        print(f"\n== {name}", file=sys.stderr, flush=True)
+        try:
+            res = run_scenario(name, sizes, console)
+        except KeyboardInterrupt:
+            print("\ninterrupted: servers and generators stopped", file=sys.stderr)
+            return 130
+        results.append(res)
+        if not res.ok:
+            for line in (res.error and [f"FAILED TO RUN: {res.error}"]) or res.problems:
+                print(console.paint(f"!! {name}: {line}", "1;31"), file=sys.stderr, flush=True)
+    wall = time.monotonic() - t0
+    print()
+    print(table(results, console))
+    print()
+    print(summary(results, console))
+    document = {
+        "date": date,
+        "machine": info,
+        "quick": args.quick,
+        "bench_user_bcrypt_cost": BENCH_COST,
+        "sizes": sizes.to_dict(),
+        "wall_seconds": round(wall, 1),
+        "ok": all(r.ok for r in results),
+        "scenarios": [result_dict(r) for r in results],
+    }
+    path = write_json(args.out, document)
+    print(f"wall time {wall:.1f} s; figures in {path} (and latest.json)")
+    if not document["ok"]:
+        return 1
+    if args.strict and any(r.misses for r in results):
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

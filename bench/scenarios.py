@@ -1,0 +1,781 @@
+"""The eight scenarios of the bench issue. Each starts its own server(s) and generators.
+
+A scenario returns a `ScenarioResult`: rows for the table (figure, target, verdict), the raw
+figures for the JSON file, and `problems`: anything lost, duplicated, reordered or refused,
+which makes the whole run fail however fast it was.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from bench import loadgen
+from bench.checks import Tally
+from bench.harness import (
+    BENCH_COST,
+    BURST_PASSWORD,
+    BURST_USER,
+    BenchError,
+    Monitor,
+    Server,
+    broker_process,
+    relay_process,
+)
+from bench.loadgen import PubPlan
+from bench.report import FAIL, PASS, Bar, Console, Row, ScenarioResult, verdict
+from bench.workers import Fleet
+
+TOPIC = "bench/t"
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How big each scenario is; FULL is the issue's, QUICK and TINY scale it down."""
+
+    payload: int = 64
+    throughput: int = 200_000
+    fanout_subs: int = 10
+    fanout: int = 20_000
+    fanin_pubs: int = 50
+    fanin_each: int = 4_000
+    connections: int = 10_000
+    liveness_sample: int = 100
+    inflight: int = 1_000
+    drain: int = 10_000
+    storm: int = 10_000
+    storm_queued: int = 10
+    latency_rate: int = 2_000
+    latency_s: float = 10.0
+    latency_interval: float = 0.005
+    burst: int = 20
+    burst_cost: int = 12
+    burst_run_s: float = 10.0  # the latency run the burst lands in
+    burst_at: float = 1.5  # seconds into that run
+    shards: int = 2  # processes for the many-sessions scenarios
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+FULL = Sizes()
+QUICK = replace(
+    FULL,
+    throughput=30_000,
+    fanout=4_000,
+    fanin_each=600,
+    connections=2_000,
+    storm=2_000,
+    latency_s=3.0,
+    burst_run_s=9.0,
+    burst_at=1.0,
+)
+TINY = replace(
+    FULL,
+    throughput=2_000,
+    fanout_subs=3,
+    fanout=300,
+    fanin_pubs=5,
+    fanin_each=100,
+    connections=50,
+    liveness_sample=10,
+    drain=500,
+    storm=30,
+    storm_queued=3,
+    latency_s=0.5,
+    burst=3,
+    burst_cost=4,
+    burst_run_s=1.0,
+    burst_at=0.2,
+    shards=1,
+)
+
+# The issue's targets on its 2-core machine.
+T_THROUGHPUT = 100_000
+T_RELAY_RATIO = 0.20
+T_FANOUT = 200_000
+T_RSS_KIB = 48
+T_CONNECT_S = 20.0
+T_DRAIN_S = 0.1
+T_STORM_S = 15.0
+T_P99_MS = 1.0
+T_BURST_P99_MS = 5.0
+
+
+def _rate(x: float) -> str:
+    return f"{x:,.0f}"
+
+
+def _tally(replies: list[dict[str, Any]], key: str = "tally") -> Tally:
+    total = Tally()
+    for reply in replies:
+        total.add(Tally.from_dict(reply[key]))
+    return total
+
+
+def _wait_s(messages: int) -> float:
+    """A deadline generous enough for a slow broker, short enough to end a stuck one."""
+    return 60.0 + messages / 2_000
+
+
+@contextlib.contextmanager
+def _bar(console: Console, label: str, total: int, unit: str = "") -> Iterator[Bar]:
+    bar = console.bar(label, total, unit)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+# --- 1, 2, 3: publishers -> subscribers, against Tether and the relay ---------------------------
+
+
+@dataclass
+class FlowRun:
+    rate: float  # messages (or deliveries) per second
+    seconds: float
+    server_cpu: float
+    gen_cpu: float
+    tally: Tally
+
+
+def _flow(
+    server: Server,
+    console: Console,
+    label: str,
+    *,
+    subs: int,
+    sub_procs: int,
+    pubs: int,
+    pub_procs: int,
+    each: int,
+    batch: int,
+    payload: int,
+) -> FlowRun:
+    """`pubs` publishers x `each` messages on one topic, `subs` subscribers of that topic."""
+    with Fleet(server) as fleet:
+        sub_names = []
+        per_proc = math.ceil(subs / sub_procs)
+        for p in range(sub_procs):
+            ids = [f"sub-{i}" for i in range(p * per_proc, min(subs, (p + 1) * per_proc))]
+            if ids:
+                name = f"sub{p}"
+                sub_names.append(name)
+                fleet.start(
+                    name, loadgen.subscriber, server.address, ids, TOPIC, pubs * each, False
+                )
+        pub_names = []
+        per_proc = math.ceil(pubs / pub_procs)
+        for p in range(pub_procs):
+            plans = [
+                PubPlan(f"pub-{i}", i, [(TOPIC, each)])
+                for i in range(p * per_proc, min(pubs, (p + 1) * per_proc))
+            ]
+            if plans:
+                name = f"pub{p}"
+                pub_names.append(name)
+                fleet.start(name, loadgen.publisher, server.address, plans, batch, payload)
+        fleet.wait("ready", timeout=120)
+        cpu0 = server.cpu()
+        fleet.send("go", pub_names)
+        total = subs * pubs * each
+        with _bar(console, label, total, "deliveries") as bar:
+            timeout = _wait_s(total)
+            done = fleet.wait("done", pub_names, timeout=timeout, bar=bar, progress_of=sub_names)
+            # Every publish is confirmed: a subscriber still short of messages soon stops.
+            fleet.send("published", sub_names)
+            done |= fleet.wait("done", sub_names, timeout=timeout, bar=bar)
+        server_cpu = server.cpu() - cpu0
+    sub_replies = [done[n] for n in sub_names]
+    pub_replies = [done[n] for n in pub_names]
+    tally = _tally(sub_replies)
+    start = min(r["t_start"] for r in pub_replies)
+    # Incomplete runs are timed to the last message that came; the row then says FAIL.
+    seconds = max(r["t_last"] for r in sub_replies) - start
+    return FlowRun(
+        rate=tally.received / seconds if seconds > 0 else 0.0,
+        seconds=seconds,
+        server_cpu=server_cpu,
+        gen_cpu=sum(r["cpu"] for r in sub_replies + pub_replies),
+        tally=tally,
+    )
+
+
+def _flow_scenario(
+    name: str,
+    console: Console,
+    unit: str,
+    target: float | None,
+    ratio_target: float | None,
+    **shape: Any,
+) -> ScenarioResult:
+    res = ScenarioResult(name)
+    runs: dict[str, FlowRun] = {}
+    for who, start in (("tether", broker_process), ("relay", relay_process)):
+        with start() as server:
+            runs[who] = _flow(server, console, f"{name} ({who})", **shape)
+    tether, relay = runs["tether"], runs["relay"]
+    ratio = tether.rate / relay.rate if relay.rate else 0.0
+    ok = True
+    goal = []
+    if target is not None:
+        ok = ok and tether.rate >= target
+        goal.append(f">= {target:,.0f}")
+    if ratio_target is not None:
+        ok = ok and ratio >= ratio_target
+        goal.append(f">= {ratio_target:.0%} of relay")
+    res.rows = [
+        Row(
+            name,
+            f"Tether {unit}",
+            _rate(tether.rate),
+            " and ".join(goal),
+            f"{ratio:.0%}",
+            tether.server_cpu,
+            tether.gen_cpu,
+            FAIL if not tether.tally.ok else verdict(ok) if goal else "",
+        ),
+        Row(
+            name,
+            f"relay {unit}",
+            _rate(relay.rate),
+            "",
+            "",
+            relay.server_cpu,
+            relay.gen_cpu,
+            "" if relay.tally.ok else FAIL,
+        ),
+    ]
+    for who, run in runs.items():
+        res.figures[who] = {
+            "rate": round(run.rate),
+            "unit": unit,
+            "seconds": round(run.seconds, 4),
+            "server_cpu": round(run.server_cpu, 3),
+            "gen_cpu": round(run.gen_cpu, 3),
+            "checks": run.tally.to_dict(),
+        }
+        res.problems += [f"{who}: {p}" for p in run.tally.problems()]
+    res.figures["ratio_to_relay"] = round(ratio, 4)
+    return res
+
+
+def throughput(sizes: Sizes, console: Console) -> ScenarioResult:
+    return _flow_scenario(
+        "throughput",
+        console,
+        "msg/s",
+        T_THROUGHPUT,
+        T_RELAY_RATIO,
+        subs=1,
+        sub_procs=1,
+        pubs=1,
+        pub_procs=1,
+        each=sizes.throughput,
+        batch=1000,
+        payload=sizes.payload,
+    )
+
+
+def fanout(sizes: Sizes, console: Console) -> ScenarioResult:
+    return _flow_scenario(
+        "fan-out",
+        console,
+        "deliveries/s",
+        T_FANOUT,
+        None,
+        subs=sizes.fanout_subs,
+        sub_procs=2,
+        pubs=1,
+        pub_procs=1,
+        each=sizes.fanout,
+        batch=1000,
+        payload=sizes.payload,
+    )
+
+
+def fanin(sizes: Sizes, console: Console) -> ScenarioResult:
+    return _flow_scenario(
+        "fan-in",
+        console,
+        "msg/s",
+        None,
+        None,
+        subs=1,
+        sub_procs=1,
+        pubs=sizes.fanin_pubs,
+        pub_procs=2,
+        each=sizes.fanin_each,
+        batch=100,
+        payload=sizes.payload,
+    )
+
+
+# --- 4, 5, 6: many sessions -----------------------------------------------------------------
+
+
+def _start_shards(
+    fleet: Fleet, server: Server, names: list[tuple[str, str]], shards: int, inflight: int
+) -> list[str]:
+    shards = max(1, min(shards, len(names)))
+    per = math.ceil(len(names) / shards)
+    started = []
+    for s in range(shards):
+        part = names[s * per : (s + 1) * per]
+        if part:
+            started.append(f"shard{s}")
+            fleet.start(
+                started[-1],
+                loadgen.session_shard,
+                server.address,
+                part,
+                max(1, inflight // shards),
+            )
+    return started
+
+
+def _failures(replies: list[dict[str, Any]], what: str) -> list[str]:
+    failed = sum(r["failed"] for r in replies)
+    if not failed:
+        return []
+    examples = "; ".join(f for r in replies for f in r["failures"][:2])
+    return [f"{failed} {what} FAILED ({examples})"]
+
+
+def connections(sizes: Sizes, console: Console) -> ScenarioResult:
+    res = ScenarioResult("connections")
+    n = sizes.connections
+    names = [(f"conn-{i}", f"c/{i}") for i in range(n)]
+    with broker_process() as server, Fleet(server) as fleet:
+        monitor = Monitor(server.address)
+        shards = _start_shards(fleet, server, names, sizes.shards, sizes.inflight)
+        fleet.wait("ready", timeout=60)
+        time.sleep(0.2)  # let the broker settle before the baseline reading
+        rss0 = server.rss_kib()
+        hashes0 = monitor.stats()["bcrypt_hashes"]
+        cpu0 = server.cpu()
+        fleet.send("open")
+        with _bar(console, "connections (connect)", n, "sessions") as bar:
+            opened = list(fleet.wait("open", timeout=60 + n / 50, bar=bar).values())
+        server_cpu = server.cpu() - cpu0
+        rss1 = server.rss_kib()
+        stats = monitor.stats()
+        # The liveness sample: evenly spread over all sessions, asked shard by shard.
+        k = min(sizes.liveness_sample, n)
+        per = math.ceil(n / len(shards))
+        picks = sorted({i * n // k for i in range(k)})
+        for s, shard in enumerate(shards):
+            local = [i - s * per for i in picks if s * per <= i < (s + 1) * per]
+            fleet.send("ping", [shard], sample=local)
+        pinged = list(fleet.wait("ping", timeout=120).values())
+        monitor.close()
+    seconds = max(r["t_end"] for r in opened) - min(r["t_start"] for r in opened)
+    per_session = (rss1 - rss0) / n
+    alive = sum(r["alive"] for r in pinged)
+    gen_cpu = sum(r["cpu"] for r in opened)
+    res.problems += _failures(opened, "CONNECTIONS")
+    if alive != len(picks):
+        examples = "; ".join(f for r in pinged for f in r["failures"][:2])
+        res.problems.append(f"LIVENESS: ONLY {alive} OF {len(picks)} ANSWERED ({examples})")
+    if stats.get("sessions", 0) < n:
+        res.problems.append(f"BROKER HOLDS {stats.get('sessions')} SESSIONS, EXPECTED {n}+")
+    res.rows = [
+        Row(
+            "connections",
+            f"connect {n:,} sessions",
+            f"{seconds:.2f} s",
+            f"<= {T_CONNECT_S:.0f} s",
+            "",
+            server_cpu,
+            gen_cpu,
+            verdict(seconds <= T_CONNECT_S),
+        ),
+        Row(
+            "connections",
+            "broker RSS per session",
+            f"{per_session:.1f} KiB",
+            f"<= {T_RSS_KIB} KiB",
+            verdict=verdict(per_session <= T_RSS_KIB),
+        ),
+        Row(
+            "connections",
+            "liveness (ping -> pong)",
+            f"{alive}/{len(picks)}",
+            "all",
+            verdict=PASS if alive == len(picks) else FAIL,
+        ),
+        Row(
+            "connections",
+            f"bcrypt hashes (bench user cost {BENCH_COST})",
+            f"{stats['bcrypt_hashes'] - hashes0:,}",
+        ),
+    ]
+    res.figures = {
+        "sessions": n,
+        "connect_seconds": round(seconds, 3),
+        "sessions_per_s": round(n / seconds) if seconds else 0,
+        "rss_before_kib": rss0,
+        "rss_after_kib": rss1,
+        "rss_per_session_kib": round(per_session, 2),
+        "liveness_alive": alive,
+        "liveness_asked": len(picks),
+        "bcrypt_cost": BENCH_COST,
+        "bcrypt_hashes": stats["bcrypt_hashes"] - hashes0,
+        "broker_stats": stats,
+        "server_cpu": round(server_cpu, 3),
+        "gen_cpu": round(gen_cpu, 3),
+    }
+    return res
+
+
+@dataclass
+class QueuedRun:
+    """Sessions that dropped, had messages queued, and resumed (drain and storm)."""
+
+    resume: list[dict[str, Any]]
+    queued_before: int
+    bcrypt_during: int
+    server_cpu: float
+    publish_seconds: float
+
+
+def _queue_and_resume(
+    server: Server, console: Console, label: str, sessions: int, each: int, sizes: Sizes
+) -> QueuedRun:
+    names = [(f"{label}-{i}", f"{label}/{i}") for i in range(sessions)]
+    with Fleet(server) as fleet:
+        monitor = Monitor(server.address)
+        shards = _start_shards(fleet, server, names, sizes.shards, sizes.inflight)
+        plan = PubPlan(f"{label}-pub", 0, [(topic, each) for _, topic in names])
+        fleet.start("pub", loadgen.publisher, server.address, [plan], 1000, sizes.payload)
+        fleet.wait("ready", timeout=120)
+        fleet.send("open", shards)
+        with _bar(console, f"{label} (sessions)", sessions, "sessions") as bar:
+            opened = list(fleet.wait("open", shards, timeout=60 + sessions / 50, bar=bar).values())
+        if any(r["failed"] for r in opened):
+            raise BenchError(_failures(opened, "REGISTRATIONS")[0])
+        fleet.send("drop", shards)
+        fleet.wait("drop", shards, timeout=60)
+        # Publish only once the broker has seen every drop (the monitor and the publisher
+        # stay connected), so everything queues.
+        monitor.wait_for("connected", 2, timeout=60)
+        fleet.reset_progress()
+        fleet.send("go", ["pub"])
+        with _bar(console, f"{label} (queue)", sessions * each, "messages") as bar:
+            published = fleet.wait("done", ["pub"], timeout=_wait_s(sessions * each), bar=bar)
+        pub = published["pub"]
+        before = monitor.stats()
+        fleet.reset_progress()
+        cpu0 = server.cpu()
+        fleet.send("resume", shards, expect=each)
+        with _bar(console, f"{label} (resume)", sessions, "sessions") as bar:
+            resumed = fleet.wait(
+                "resume", shards, timeout=_wait_s(sessions * each) + sessions / 50, bar=bar
+            )
+        server_cpu = server.cpu() - cpu0
+        after = monitor.stats()
+        monitor.close()
+    return QueuedRun(
+        resume=list(resumed.values()),
+        queued_before=int(before.get("queued", -1)),
+        bcrypt_during=int(after["bcrypt_hashes"]) - int(before["bcrypt_hashes"]),
+        server_cpu=server_cpu,
+        publish_seconds=pub["t_confirmed"] - pub["t_start"],
+    )
+
+
+def _resume_problems(run: QueuedRun, sessions: int, each: int) -> list[str]:
+    problems = _failures(run.resume, "RESUMES")
+    problems += _tally(run.resume).problems()
+    wrong = sum(r["wrong_queued"] for r in run.resume)
+    if wrong:
+        examples = "; ".join(e for r in run.resume for e in r["wrong_queued_examples"][:2])
+        problems.append(f"REGISTERED.QUEUED WRONG FOR {wrong} SESSIONS ({examples})")
+    if run.queued_before != sessions * each:
+        problems.append(f"BROKER QUEUED {run.queued_before}, EXPECTED {sessions * each}")
+    return problems
+
+
+def drain(sizes: Sizes, console: Console) -> ScenarioResult:
+    res = ScenarioResult("drain")
+    n = sizes.drain
+    with broker_process() as server:
+        run = _queue_and_resume(server, console, "drain", 1, n, replace(sizes, shards=1))
+    (reply,) = run.resume
+    seconds = reply["last_drained"] - reply["first_sent"]
+    res.problems = _resume_problems(run, 1, n)
+    res.rows = [
+        Row(
+            "drain",
+            f"register -> last of {n:,} queued",
+            f"{seconds * 1000:.1f} ms",
+            f"<= {T_DRAIN_S * 1000:.0f} ms",
+            "",
+            run.server_cpu,
+            reply["cpu"],
+            verdict(seconds <= T_DRAIN_S),
+        )
+    ]
+    res.figures = {
+        "messages": n,
+        "seconds": round(seconds, 4),
+        "messages_per_s": round(n / seconds) if seconds > 0 else 0,
+        "queued_reported": run.queued_before,
+        "queue_fill_seconds": round(run.publish_seconds, 3),
+        "server_cpu": round(run.server_cpu, 3),
+        "gen_cpu": round(reply["cpu"], 3),
+        "checks": _tally(run.resume).to_dict(),
+    }
+    return res
+
+
+def storm(sizes: Sizes, console: Console) -> ScenarioResult:
+    res = ScenarioResult("storm")
+    n, each = sizes.storm, sizes.storm_queued
+    with broker_process() as server:
+        run = _queue_and_resume(server, console, "storm", n, each, sizes)
+    seconds = max(r["t_end"] for r in run.resume) - min(r["t_start"] for r in run.resume)
+    gen_cpu = sum(r["cpu"] for r in run.resume)
+    res.problems = _resume_problems(run, n, each)
+    if run.bcrypt_during:
+        res.problems.append(f"THE BROKER COMPUTED {run.bcrypt_during} BCRYPT HASHES ON RESUME")
+    res.rows = [
+        Row(
+            "storm",
+            f"{n:,} resume + drain {each} each",
+            f"{seconds:.2f} s",
+            f"<= {T_STORM_S:.0f} s",
+            "",
+            run.server_cpu,
+            gen_cpu,
+            verdict(seconds <= T_STORM_S),
+        ),
+        Row(
+            "storm",
+            "bcrypt hashes during the storm",
+            str(run.bcrypt_during),
+            "0",
+            verdict=PASS if run.bcrypt_during == 0 else FAIL,
+        ),
+    ]
+    res.figures = {
+        "sessions": n,
+        "queued_each": each,
+        "seconds": round(seconds, 3),
+        "bcrypt_hashes": run.bcrypt_during,
+        "longest_session_seconds": round(max(r["longest"] for r in run.resume), 4),
+        "queued_reported": run.queued_before,
+        "server_cpu": round(run.server_cpu, 3),
+        "gen_cpu": round(gen_cpu, 3),
+        "checks": _tally(run.resume).to_dict(),
+    }
+    return res
+
+
+# --- 7, 8: latency, alone and under a registration burst ------------------------------------
+
+
+def percentile(sorted_values: list[int], q: float) -> float:
+    """Nearest-rank percentile of already sorted values (q in 0..100)."""
+    if not sorted_values:
+        return math.nan
+    rank = max(1, math.ceil(q / 100 * len(sorted_values)))
+    return float(sorted_values[rank - 1])
+
+
+@dataclass
+class LatencyRun:
+    sent_ns: array.array[int]
+    lat_ns: array.array[int]
+    tally: Tally
+    server_cpu: float
+    gen_cpu: float
+    late_batches: int
+    burst: dict[str, Any] | None
+
+
+def _latency_run(
+    server: Server,
+    console: Console,
+    label: str,
+    sizes: Sizes,
+    seconds: float,
+    burst_cost: int | None = None,
+) -> LatencyRun:
+    rate = sizes.latency_rate
+    total = max(1, round(rate * seconds))
+    with Fleet(server) as fleet:
+        fleet.start("sub", loadgen.subscriber, server.address, ["lat-sub"], TOPIC, total, True)
+        fleet.start(
+            "pub",
+            loadgen.paced_publisher,
+            server.address,
+            "lat-pub",
+            TOPIC,
+            rate,
+            seconds,
+            sizes.latency_interval,
+            sizes.payload,
+        )
+        names = ["sub", "pub"]
+        if burst_cost is not None:
+            names.append("burst")
+            fleet.start(
+                "burst",
+                loadgen.registration_burst,
+                server.address,
+                sizes.burst,
+                BURST_USER,
+                BURST_PASSWORD,
+                "burst",
+            )
+        fleet.wait("ready", timeout=60)
+        cpu0 = server.cpu()
+        fleet.send("go", ["pub"])
+        with _bar(console, label, total, "messages") as bar:
+            if burst_cost is not None:
+                deadline = time.monotonic() + sizes.burst_at
+                while time.monotonic() < deadline:  # bounded: burst_at seconds
+                    bar.update(fleet.done(["sub"]))
+                    server.check_alive()
+                    time.sleep(0.05)
+                fleet.send("burst", ["burst"])
+            done = fleet.wait("done", names, timeout=seconds + 120, bar=bar, progress_of=["sub"])
+        server_cpu = server.cpu() - cpu0
+    sub = done["sub"]
+    sent, lat = array.array("q"), array.array("q")
+    sent.frombytes(sub["sent_ns"])
+    lat.frombytes(sub["lat_ns"])
+    return LatencyRun(
+        sent_ns=sent,
+        lat_ns=lat,
+        tally=Tally.from_dict(sub["tally"]),
+        server_cpu=server_cpu,
+        gen_cpu=sum(done[n]["cpu"] for n in names),
+        late_batches=done["pub"]["late_batches"],
+        burst=done.get("burst"),
+    )
+
+
+def _ms(ns: float) -> str:
+    return f"{ns / 1e6:.3f} ms"
+
+
+def latency(sizes: Sizes, console: Console) -> ScenarioResult:
+    res = ScenarioResult("latency")
+    with broker_process() as server:
+        run = _latency_run(server, console, "latency", sizes, sizes.latency_s)
+    lat = sorted(run.lat_ns)
+    p50, p99, p999 = (percentile(lat, q) for q in (50, 99, 99.9))
+    worst = float(lat[-1]) if lat else math.nan
+    res.problems = run.tally.problems()
+    rate = f"{sizes.latency_rate:,} msg/s for {sizes.latency_s:g} s"
+    res.rows = [
+        Row("latency", f"p50 ({rate})", _ms(p50), "", "", run.server_cpu, run.gen_cpu),
+        Row(
+            "latency",
+            "p99",
+            _ms(p99),
+            f"<= {T_P99_MS:g} ms",
+            verdict=verdict(p99 <= T_P99_MS * 1e6),
+        ),
+        Row("latency", "p99.9", _ms(p999)),
+        Row("latency", "max", _ms(worst)),
+    ]
+    res.figures = {
+        "rate": sizes.latency_rate,
+        "seconds": sizes.latency_s,
+        "samples": len(lat),
+        "p50_ms": round(p50 / 1e6, 4),
+        "p99_ms": round(p99 / 1e6, 4),
+        "p99_9_ms": round(p999 / 1e6, 4),
+        "max_ms": round(worst / 1e6, 4),
+        "late_batches": run.late_batches,
+        "server_cpu": round(run.server_cpu, 3),
+        "gen_cpu": round(run.gen_cpu, 3),
+        "checks": run.tally.to_dict(),
+    }
+    return res
+
+
+def burst(sizes: Sizes, console: Console) -> ScenarioResult:
+    res = ScenarioResult("burst")
+    cost = sizes.burst_cost
+    with broker_process(burst_cost=cost) as server:
+        run = _latency_run(server, console, "burst", sizes, sizes.burst_run_s, burst_cost=cost)
+    assert run.burst is not None
+    started, finished = run.burst["started"], run.burst["finished"]
+    res.problems = run.tally.problems()
+    res.problems += [f"REGISTRATION FAILED: {f}" for f in run.burst["failures"][:3]]
+    slowest = max((f - s for s, f in zip(started, finished, strict=True) if f), default=math.nan)
+    lo, hi = min(started) * 1e9, max(finished) * 1e9
+    window = sorted(lat for s, lat in zip(run.sent_ns, run.lat_ns, strict=True) if lo <= s <= hi)
+    p99 = percentile(window, 99)
+    overall = sorted(run.lat_ns)
+    window_s = (hi - lo) / 1e9
+    # A burst that outlasts the run is measured only while messages still flowed.
+    cut = bool(run.sent_ns) and hi > run.sent_ns[-1]
+    res.rows = [
+        Row(
+            "burst",
+            f"p99 during {sizes.burst} registrations (cost {cost})",
+            _ms(p99),
+            f"<= {T_BURST_P99_MS:g} ms",
+            "",
+            run.server_cpu,
+            run.gen_cpu,
+            verdict(p99 <= T_BURST_P99_MS * 1e6),
+        ),
+        Row("burst", "slowest registration", f"{slowest:.2f} s"),
+        Row(
+            "burst",
+            "burst window / messages in it",
+            f"{window_s:.2f} s / {len(window):,}" + (" (cut: run ended first)" if cut else ""),
+        ),
+        Row("burst", "max during the window", _ms(float(window[-1]) if window else math.nan)),
+    ]
+    res.figures = {
+        "registrations": sizes.burst,
+        "bcrypt_cost": cost,
+        "window_seconds": round(window_s, 3),
+        "window_samples": len(window),
+        "window_cut_by_run_end": cut,
+        "p99_in_window_ms": round(p99 / 1e6, 4),
+        "max_in_window_ms": round(window[-1] / 1e6, 4) if window else None,
+        "p99_whole_run_ms": round(percentile(overall, 99) / 1e6, 4),
+        "slowest_registration_s": round(slowest, 3),
+        "registration_seconds": [round(f - s, 3) for s, f in zip(started, finished, strict=True)],
+        "late_batches": run.late_batches,
+        "server_cpu": round(run.server_cpu, 3),
+        "gen_cpu": round(run.gen_cpu, 3),
+        "checks": run.tally.to_dict(),
+    }
+    return res
+
+
+SCENARIOS: dict[str, Callable[[Sizes, Console], ScenarioResult]] = {
+    "throughput": throughput,
+    "fan-out": fanout,
+    "fan-in": fanin,
+    "connections": connections,
+    "drain": drain,
+    "storm": storm,
+    "latency": latency,
+    "burst": burst,
+}
+
+
+def run_scenario(name: str, sizes: Sizes, console: Console) -> ScenarioResult:
+    """Run one scenario; a failure to run becomes a loud result, never an exception."""
+    t0 = time.monotonic()
+    try:
+        res = SCENARIOS[name](sizes, console)
+    except BenchError as exc:
+        res = ScenarioResult(name, error=str(exc))
+    res.seconds = time.monotonic() - t0
+    return res
