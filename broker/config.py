@@ -20,7 +20,10 @@ class BrokerConfig:
     register_timeout: float = 10.0  # seconds a connection may stay unregistered
     max_keepalive: int = 65_535
     outbound_high_water: int = 1 << 20  # bytes buffered per connection before pausing deliveries
-    auth_workers: int = 2  # threads that run bcrypt (it releases the GIL)
+    # How long a publisher is held back (not read) while a connected subscriber's queue is
+    # full, before the oldest unsent message is dropped to make room (counted, told).
+    publish_wait: float = 1.0
+    auth_workers: int = 1  # threads that run bcrypt (it releases the GIL)
     auth_fail_limit: int = 5  # failures per address within auth_fail_window before rate_limited
     auth_fail_window: float = 60.0
     auth_fail_penalty: float = 1.0  # seconds before a blocked address hears of a wrong password

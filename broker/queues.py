@@ -1,12 +1,15 @@
 """One subscription's dead-letter queue: pure data, no I/O, no actors.
 
 Theory of operation: every message published to the subscription gets the next `seq` and goes
-to `pending`. Sending moves it to `unacked`; a cumulative ack removes it from `unacked`. The two
-deques together hold a contiguous run of seqs (drops and acks only ever take the oldest), and
-that run is what the bound counts. When the connection goes away, `unacked` is put back in
-front of `pending` and remembered in `redeliver_upto`: sending those again flags them
-`redelivered`, with their original seq, before anything newer. Order is therefore the queue's
-order on every connection, and live traffic never overtakes a drain.
+to `pending`. Sending moves it to `unacked` (at most `window` of them at once); a cumulative ack
+removes it from `unacked`. Both deques are in seq order and `unacked` is all older than
+`pending`; together they are what the bound counts. On overflow the oldest *unsent* message
+goes, so a gap in seqs is always exactly what was counted as dropped.
+
+When the connection goes away, `unacked` is put back in front of `pending` and remembered in
+`redeliver_upto`: sending those again flags them `redelivered`, with their original seq, before
+anything newer. Order is therefore the queue's order on every connection, and live traffic
+never overtakes a drain.
 """
 
 from __future__ import annotations
@@ -32,11 +35,15 @@ class SubscriptionQueue:
         "redeliver_upto",
         "topic",
         "unacked",
+        "window",
     )
 
     def __init__(self, topic: str, *, max_count: int, max_bytes: int, next_seq: int = 1) -> None:
         self.topic = topic
         self.max_count = max_count
+        # At most this many sent and unacked at once, so that room can always be made among
+        # unsent messages (compare MQTT's receive maximum).
+        self.window = max(1, max_count // 2)
         self.max_bytes = max_bytes
         self.next_seq = next_seq
         # Plain (seq, payload) tuples: one is made per message and per subscriber.
@@ -61,10 +68,14 @@ class SubscriptionQueue:
         return self._make_room(connected)
 
     def _make_room(self, connected: bool) -> int:
+        # The oldest message not yet sent goes first: one already sent and unacked has most
+        # likely arrived, and counting it as dropped would report a gap the client never sees.
+        # (The delivery window keeps unacked below the bound, so there is always one unsent.)
         dropped = 0
         # A single message larger than the byte bound is still kept: it is the newest.
         while len(self) > self.max_count or (self.bytes > self.max_bytes and len(self) > 1):
-            oldest = self.unacked.popleft() if self.unacked else self.pending.popleft()
+            # Never the message just pushed: it is the newest.
+            oldest = self.pending.popleft() if len(self.pending) > 1 else self.unacked.popleft()
             self.bytes -= len(oldest[1])
             dropped += 1
         if dropped:
@@ -73,6 +84,11 @@ class SubscriptionQueue:
             else:
                 self.dropped_away += dropped
         return dropped
+
+    def is_full_for(self, size: int) -> bool:
+        """Would queueing a message of `size` bytes push out an older one?"""
+        length = len(self.pending) + len(self.unacked)
+        return length >= self.max_count or (length > 0 and self.bytes + size > self.max_bytes)
 
     def ack(self, seq: int) -> int:
         """Cumulative ack of every sent delivery up to `seq`; returns how many were removed."""
@@ -84,8 +100,9 @@ class SubscriptionQueue:
         return removed
 
     def take(self) -> Entry | None:
-        """The next message to send, now counted as sent and unacked."""
-        if not self.pending:
+        """The next message to send, now counted as sent and unacked (None: nothing to send,
+        or the delivery window is full until an ack)."""
+        if not self.pending or len(self.unacked) >= self.window:
             return None
         entry = self.pending.popleft()
         self.unacked.append(entry)

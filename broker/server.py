@@ -69,6 +69,7 @@ class Broker:
             max_frame=config.max_frame,
             register_timeout=config.register_timeout,
             high_water=config.outbound_high_water,
+            publish_wait=config.publish_wait,
         )
         self._refs = {
             "listeners": listeners,

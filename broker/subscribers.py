@@ -30,11 +30,14 @@ from broker.messages import (
     Attach,
     ConnHandle,
     Credit,
+    Deferred,
     Detach,
     DropSession,
     EndSession,
     GetStats,
+    OpsAccepted,
     Outbound,
+    RoomAvailable,
     SessionAttached,
     SessionOps,
 )
@@ -89,6 +92,8 @@ class SubscriberManager(LoopActor):
         self._sessions: dict[str, SessionSubs] = {}
         self._by_topic: dict[str, dict[str, SubscriptionQueue]] = {}
         self._session_manager: Any = None
+        # Publishers told to wait for room, by conn_id: woken when acks free some.
+        self._waiting: dict[int, ConnHandle] = {}
         self.published = 0
         self.delivered = 0
         self.dropped = 0
@@ -171,6 +176,8 @@ class SubscriberManager(LoopActor):
         subs.credit = 0
         for q in subs.queues.values():
             q.requeue_unacked()
+        # A queue of a session away no longer holds publishers back.
+        self._wake_publishers()
 
     def _drop(self, session_id: str, reason: str) -> None:
         subs = self._sessions.pop(session_id, None)
@@ -182,6 +189,7 @@ class SubscriberManager(LoopActor):
         for topic, q in subs.queues.items():
             discarded += len(q)
             self._remove_from_topic(topic, session_id)
+        self._wake_publishers()
         _log.info(
             "session_queues_removed",
             session_id=session_id,
@@ -206,11 +214,20 @@ class SubscriberManager(LoopActor):
         )
         replies: list[bytes] = []
         touched: dict[str, SessionSubs] = {}
-        for op in msg.ops:
+        freed = False
+        close = msg.close
+        ops = msg.ops
+        for index, op in enumerate(ops):
             match op:
                 case Publish(topic=topic, payload=payload, req=req):
                     # A publish stands on its own, even from a connection just replaced.
-                    self._publish(topic, payload, touched)
+                    if not self._publish(topic, payload, touched, force=msg.force):
+                        # A live subscriber's queue is full: the publisher waits, unread,
+                        # and this op and the rest come back to it, to be sent again.
+                        self._waiting[msg.conn.conn_id] = msg.conn
+                        tell(msg.conn.ref, Deferred(ops[index:], close))
+                        close = False
+                        break
                     if req is not None:
                         replies.append(encode(Ok(req=req)))
                 case Error():
@@ -221,8 +238,10 @@ class SubscriberManager(LoopActor):
                     continue
                 case Ack(topic=topic, seq=seq):
                     q = subs.queues.get(topic)
-                    if q is not None:
-                        q.ack(seq)
+                    if q is not None and q.ack(seq):
+                        # The delivery window and the queue have room again.
+                        touched[msg.session_id] = subs
+                        freed = True
                 case Subscribe(req=req, topic=topic):
                     if topic not in subs.queues:
                         q = SubscriptionQueue(
@@ -255,21 +274,44 @@ class SubscriberManager(LoopActor):
                     return
                 case _:
                     _log.warning("unexpected_op", op=type(op).__name__)
-        if replies or msg.close:
-            tell(msg.conn.ref, Outbound(b"".join(replies), close=msg.close))
+        else:
+            if msg.retry:
+                tell(msg.conn.ref, OpsAccepted())
+        if replies or close:
+            tell(msg.conn.ref, Outbound(b"".join(replies), close=close))
         self._flush(touched)
+        if freed:
+            self._wake_publishers()
 
-    def _publish(self, topic: str, payload: bytes, touched: dict[str, SessionSubs]) -> None:
-        self.published += 1
+    def _wake_publishers(self) -> None:
+        """Queues made room: publishers that were waiting try again."""
+        if self._waiting:
+            waiting, self._waiting = self._waiting, {}
+            for conn in waiting.values():
+                tell(conn.ref, RoomAvailable())
+
+    def _publish(
+        self, topic: str, payload: bytes, touched: dict[str, SessionSubs], *, force: bool
+    ) -> bool:
+        """Queue the message for every subscriber, or for none (False) if a connected
+        subscriber's queue has no room and the publisher has not waited long enough."""
         members = self._by_topic.get(topic)
         if not members:
-            return
+            self.published += 1
+            return True
         sessions = self._sessions
+        if not force:
+            size = len(payload)
+            for session_id, q in members.items():
+                if sessions[session_id].conn is not None and q.is_full_for(size):
+                    return False
+        self.published += 1
         for session_id, q in members.items():
             subs = sessions[session_id]
             self.dropped += q.push(payload, connected=subs.conn is not None)
             if subs.conn is not None:
                 touched[session_id] = subs
+        return True
 
     def _flush(self, touched: dict[str, SessionSubs]) -> None:
         for subs in touched.values():
@@ -289,13 +331,9 @@ class SubscriberManager(LoopActor):
                 append(encode(Dropped(topic=q.topic, count=q.dropped_live)))
                 q.dropped_live = 0
             # SubscriptionQueue.take() inlined: this loop runs once per delivery.
-            topic, pending, unacked, redeliver_upto = (
-                q.topic,
-                q.pending,
-                q.unacked,
-                q.redeliver_upto,
-            )
-            while credit > 0 and pending:
+            topic, pending, unacked = q.topic, q.pending, q.unacked
+            redeliver_upto, window = q.redeliver_upto, q.window
+            while credit > 0 and pending and len(unacked) < window:
                 entry = pending.popleft()
                 unacked.append(entry)
                 seq, payload = entry

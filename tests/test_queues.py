@@ -68,15 +68,18 @@ class QueueMachine(RuleBasedStateMachine):
         self.pushed[seq] = payload
         self.held.append(Held(seq, payload))
         dropped = q.push(payload, connected=connected)
-        # The model's own overflow rule: oldest first, never the one just pushed.
+        # The model's own overflow rule: the oldest go, unsent ones first (a sent one has most
+        # likely arrived), never the one just pushed.
         expected_drops = 0
         while len(self.held) > q.max_count or (
             sum(len(h.payload) for h in self.held) > q.max_bytes and len(self.held) > 1
         ):
-            oldest = self.held.pop(0)
-            self.dropped.add(oldest.seq)
-            if self.n_sent:
+            if len(self.held) - self.n_sent > 1:
+                oldest = self.held.pop(self.n_sent)
+            else:
+                oldest = self.held.pop(0)
                 self.n_sent -= 1
+            self.dropped.add(oldest.seq)
             expected_drops += 1
         assert dropped == expected_drops
         if connected:
@@ -84,14 +87,16 @@ class QueueMachine(RuleBasedStateMachine):
         else:
             self.dropped_away += dropped
         # The newest message is always kept, under the seq it was given in push order.
-        assert q.pending[-1] == Entry(seq, payload)
+        assert q.pending and q.pending[-1] == Entry(seq, payload), "newest message dropped"
         assert q.next_seq == self.next_seq
 
     @rule()
     def take(self) -> None:
         q = self.queue
         entry = q.take()
-        if self.n_sent == len(self.held):
+        # A queue may bound how many are sent and unacked at once (a delivery window).
+        window = getattr(q, "window", None)
+        if self.n_sent == len(self.held) or (window is not None and self.n_sent >= window):
             assert entry is None
             return
         expected = self.held[self.n_sent]
@@ -136,10 +141,11 @@ class QueueMachine(RuleBasedStateMachine):
             return
         q = self.q
         seqs = [seq for seq, _ in (*q.unacked, *q.pending)]
-        # A contiguous run of seqs, oldest first, ending at the newest pushed.
+        # Strictly increasing, oldest first, ending at the newest pushed; the gaps are drops.
         if seqs:
-            assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+            assert seqs == sorted(set(seqs))
             assert seqs[-1] == q.next_seq - 1
+            assert set(range(seqs[0], seqs[-1] + 1)) - set(seqs) <= self.dropped
         assert len(q) == len(seqs) <= q.max_count
         assert q.bytes == sum(len(payload) for _, payload in (*q.unacked, *q.pending))
         assert q.bytes <= q.max_bytes or len(q) <= 1
