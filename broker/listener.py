@@ -14,7 +14,6 @@ as it should instead of staying "connected" forever.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -24,17 +23,15 @@ from broker.messages import (
     ConnectionLost,
     ConnHandle,
     Credit,
-    Deferred,
     Heartbeat,
     ListenerClosed,
-    OpsAccepted,
     Outbound,
     RegisterRejected,
     RegisterRequest,
-    RoomAvailable,
     SessionAttached,
     SessionOps,
     TakenOver,
+    Throttle,
 )
 from broker.netedge import Link
 from protocol import (
@@ -74,11 +71,6 @@ _TRANSITIONS: dict[tuple[State, str], State] = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class _WaitOver:
-    token: int
-
-
 class IllegalTransition(RuntimeError):
     def __init__(self, state: State, event: str) -> None:
         super().__init__(f"event {event!r} is not legal in state {state.value}")
@@ -104,7 +96,6 @@ class Listener(LoopActor):
         listener_manager: Any,
         max_frame: int,
         register_timeout: float,
-        publish_wait: float = 1.0,
     ) -> None:
         super().__init__(loop, loop_thread)
         self._link = link
@@ -119,10 +110,6 @@ class Listener(LoopActor):
         self._socket_closed = False
         self._held: list[Item] = []
         self._done_reading = False  # after unregister or a fatal protocol error
-        self._publish_wait = publish_wait
-        self._deferred: tuple[tuple[ClientFrame | Error, ...], bool] | None = None
-        self._deferred_since: float | None = None
-        self._deferred_token = 0  # tells a current wait timer from a stale one
         self._session_id: str | None = None
         self._owed_credit = 0
         self._log = _log.bind(conn_id=conn_id, peer=link.peer)
@@ -198,16 +185,11 @@ class Listener(LoopActor):
                 self._link.resume_reading()
                 held, self._held = self._held, []
                 self._handle_items(held)
-            case Deferred(ops=ops, close=close):
-                self._on_deferred(ops, close)
-            case RoomAvailable():
-                self._retry_deferred(force=False)
-            case _WaitOver(token):
-                if token == self._deferred_token:
-                    self._retry_deferred(force=True)
-            case OpsAccepted():
-                self._deferred_since = None
-                if not self._done_reading and self.state is State.ACTIVE:
+            case Throttle(paused):
+                # A publisher whose message waits for room is not read meanwhile.
+                if paused:
+                    self._link.pause_reading()
+                elif not self._done_reading and self.state is State.ACTIVE:
                     self._link.resume_reading()
             case TakenOver(session_id):
                 if session_id == self._session_id and self.state is State.ACTIVE:
@@ -316,31 +298,6 @@ class Listener(LoopActor):
                 break
         if ops and self._session_id is not None:
             tell(self._subscribers, SessionOps(self._session_id, self._conn, tuple(ops), close))
-
-    def _on_deferred(self, ops: tuple[ClientFrame | Error, ...], close: bool) -> None:
-        # Not read on until these are taken: that is the publisher's backpressure, and it
-        # keeps this connection's frames in order.
-        self._link.pause_reading()
-        self._deferred = (ops, close)
-        now = self.loop.time()
-        if self._deferred_since is None:
-            self._deferred_since = now
-        self._deferred_token += 1
-        wait_left = self._deferred_since + self._publish_wait - now
-        token, ref = self._deferred_token, self.actor_ref
-        self.loop.call_later(max(0.0, wait_left), lambda: tell(ref, _WaitOver(token)))
-
-    def _retry_deferred(self, *, force: bool) -> None:
-        if self._deferred is None or self._session_id is None:
-            return
-        (ops, close), self._deferred = self._deferred, None
-        self._deferred_token += 1
-        if self._deferred_since is not None:
-            force = force or self.loop.time() - self._deferred_since >= self._publish_wait
-        tell(
-            self._subscribers,
-            SessionOps(self._session_id, self._conn, ops, close, force=force, retry=True),
-        )
 
     def _return_credit(self, credit: int) -> None:
         if self._link.writable and self._session_id is not None:

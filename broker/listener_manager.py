@@ -44,7 +44,6 @@ class ListenerManager(LoopActor):
         max_frame: int,
         register_timeout: float,
         high_water: int,
-        publish_wait: float,
     ) -> None:
         super().__init__(loop, loop_thread)
         self._supervisor = supervisor
@@ -53,7 +52,6 @@ class ListenerManager(LoopActor):
         self._max_frame = max_frame
         self._register_timeout = register_timeout
         self._high_water = high_water
-        self._publish_wait = publish_wait
         self._conn_ids = itertools.count(1)
         self._listeners: dict[int, Any] = {}
         self._server: asyncio.Server | None = None
@@ -104,7 +102,6 @@ class ListenerManager(LoopActor):
             listener_manager=self.actor_ref,
             max_frame=self._max_frame,
             register_timeout=self._register_timeout,
-            publish_wait=self._publish_wait,
         )
         # Started by hand rather than by `Listener.start()`: the connection needs the object
         # itself as its handler (both run on this loop thread), and `start()` returns a ref.

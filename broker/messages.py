@@ -78,27 +78,13 @@ class SessionOps:
     conn: ConnHandle
     ops: tuple[ClientFrame | Error, ...]  # an Error is one a bad frame earned, sent in turn
     close: bool = False  # the last op is a fatal error: close once it is answered
-    force: bool = False  # the publisher waited long enough: queue even if it pushes out others
-    retry: bool = False  # ops handed back by `Deferred`: answer `OpsAccepted` when taken
 
 
-# SubscriberManager -> Listener: a live subscriber's queue is full. These ops (from the first
-# publish that did not fit) were not taken; hold them, stop reading, and send them again on
-# `RoomAvailable` or when the wait runs out (then with force).
+# SubscriberManager -> Listener: stop (or start again) reading the socket. Sent while a
+# publish from this connection waits for room in a live subscriber's queue.
 @dataclass(frozen=True, slots=True)
-class Deferred:
-    ops: tuple[ClientFrame | Error, ...]
-    close: bool
-
-
-@dataclass(frozen=True, slots=True)
-class RoomAvailable:
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class OpsAccepted:
-    pass
+class Throttle:
+    paused: bool
 
 
 # SubscriberManager -> Listener: bytes to write. `credit` is how many of them were deliveries,

@@ -48,6 +48,7 @@ class Broker:
             queue_limit=config.queue_limit,
             queue_bytes=config.queue_bytes,
             outbound_high_water=config.outbound_high_water,
+            publish_wait=config.publish_wait,
         )
         sessions = SessionManager.start(
             *on_loop, subscriber_manager=subscribers, session_expiry=config.session_expiry
@@ -69,7 +70,6 @@ class Broker:
             max_frame=config.max_frame,
             register_timeout=config.register_timeout,
             high_water=config.outbound_high_water,
-            publish_wait=config.publish_wait,
         )
         self._refs = {
             "listeners": listeners,

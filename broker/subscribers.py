@@ -19,7 +19,9 @@ same queues behind them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import itertools
+from collections import deque
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import structlog
@@ -30,16 +32,14 @@ from broker.messages import (
     Attach,
     ConnHandle,
     Credit,
-    Deferred,
     Detach,
     DropSession,
     EndSession,
     GetStats,
-    OpsAccepted,
     Outbound,
-    RoomAvailable,
     SessionAttached,
     SessionOps,
+    Throttle,
 )
 from broker.queues import SubscriptionQueue
 from protocol import (
@@ -73,6 +73,19 @@ class SessionSubs:
     next_seqs: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass(slots=True)
+class _Held:
+    conn: ConnHandle
+    batches: deque[SessionOps]
+    token: int  # tells this wait's timer from an earlier wait's
+
+
+@dataclass(frozen=True, slots=True)
+class _WaitOver:
+    conn_id: int
+    token: int
+
+
 class SubscriberManager(LoopActor):
     resume_after_failure = True
 
@@ -84,6 +97,7 @@ class SubscriberManager(LoopActor):
         queue_limit: int,
         queue_bytes: int,
         outbound_high_water: int,
+        publish_wait: float = 1.0,
     ) -> None:
         super().__init__(loop, loop_thread)
         self._queue_limit = queue_limit
@@ -92,8 +106,9 @@ class SubscriberManager(LoopActor):
         self._sessions: dict[str, SessionSubs] = {}
         self._by_topic: dict[str, dict[str, SubscriptionQueue]] = {}
         self._session_manager: Any = None
-        # Publishers told to wait for room, by conn_id: woken when acks free some.
-        self._waiting: dict[int, ConnHandle] = {}
+        self._publish_wait = publish_wait
+        self._held: dict[int, _Held] = {}  # conn_id -> its batches waiting for queue room
+        self._hold_tokens = itertools.count(1)
         self.published = 0
         self.delivered = 0
         self.dropped = 0
@@ -112,6 +127,10 @@ class SubscriberManager(LoopActor):
                 if subs is not None and subs.conn is not None and subs.conn.conn_id == conn_id:
                     subs.credit += nbytes
                     self._flush_one(subs)
+            case _WaitOver(conn_id, token):
+                held = self._held.get(conn_id)
+                if held is not None and held.token == token:
+                    self._release_held(conn_id, force=True)
             case Attach():
                 self._on_attach(message)
             case Detach(session_id, conn_id):
@@ -177,7 +196,7 @@ class SubscriberManager(LoopActor):
         for q in subs.queues.values():
             q.requeue_unacked()
         # A queue of a session away no longer holds publishers back.
-        self._wake_publishers()
+        self._release_held()
 
     def _drop(self, session_id: str, reason: str) -> None:
         subs = self._sessions.pop(session_id, None)
@@ -189,7 +208,7 @@ class SubscriberManager(LoopActor):
         for topic, q in subs.queues.items():
             discarded += len(q)
             self._remove_from_topic(topic, session_id)
-        self._wake_publishers()
+        self._release_held()
         _log.info(
             "session_queues_removed",
             session_id=session_id,
@@ -208,6 +227,19 @@ class SubscriberManager(LoopActor):
     # --- the data path ------------------------------------------------------------------
 
     def _on_ops(self, msg: SessionOps) -> None:
+        held = self._held.get(msg.conn.conn_id)
+        if held is not None:
+            held.batches.append(msg)  # behind what already waits: one connection, one order
+            return
+        rest, freed = self._process(msg, force=False)
+        if rest is not None:
+            self._hold(msg.conn, rest)
+        if freed and self._held:
+            self._release_held()
+
+    def _process(self, msg: SessionOps, *, force: bool) -> tuple[SessionOps | None, bool]:
+        """Handle a batch in order. Returns the ops not taken, from the first publish that did
+        not fit a live subscriber's queue (None when all were), and whether acks made room."""
         subs = self._sessions.get(msg.session_id)
         current = (
             subs is not None and subs.conn is not None and subs.conn.conn_id == msg.conn.conn_id
@@ -215,17 +247,15 @@ class SubscriberManager(LoopActor):
         replies: list[bytes] = []
         touched: dict[str, SessionSubs] = {}
         freed = False
+        rest: SessionOps | None = None
         close = msg.close
         ops = msg.ops
         for index, op in enumerate(ops):
             match op:
                 case Publish(topic=topic, payload=payload, req=req):
                     # A publish stands on its own, even from a connection just replaced.
-                    if not self._publish(topic, payload, touched, force=msg.force):
-                        # A live subscriber's queue is full: the publisher waits, unread,
-                        # and this op and the rest come back to it, to be sent again.
-                        self._waiting[msg.conn.conn_id] = msg.conn
-                        tell(msg.conn.ref, Deferred(ops[index:], close))
+                    if not self._publish(topic, payload, touched, force=force):
+                        rest = replace(msg, ops=ops[index:])
                         close = False
                         break
                     if req is not None:
@@ -258,6 +288,7 @@ class SubscriberManager(LoopActor):
                     if q is not None:
                         subs.next_seqs[topic] = q.next_seq
                         self._remove_from_topic(topic, msg.session_id)
+                        freed = True
                     replies.append(encode(Ok(req=req)))
                 case Ping(req=req):
                     replies.append(encode(Pong(req=req)))
@@ -269,26 +300,46 @@ class SubscriberManager(LoopActor):
                     self._drop(msg.session_id, "unregistered")
                     tell(self._session_manager, EndSession(msg.session_id, msg.conn.conn_id))
                     replies.append(encode(Ok(req=req)))
-                    tell(msg.conn.ref, Outbound(b"".join(replies), close=True))
-                    self._flush(touched)
-                    return
+                    close = True
+                    break
                 case _:
                     _log.warning("unexpected_op", op=type(op).__name__)
-        else:
-            if msg.retry:
-                tell(msg.conn.ref, OpsAccepted())
         if replies or close:
             tell(msg.conn.ref, Outbound(b"".join(replies), close=close))
         self._flush(touched)
-        if freed:
-            self._wake_publishers()
+        return rest, freed
 
-    def _wake_publishers(self) -> None:
-        """Queues made room: publishers that were waiting try again."""
-        if self._waiting:
-            waiting, self._waiting = self._waiting, {}
-            for conn in waiting.values():
-                tell(conn.ref, RoomAvailable())
+    # --- publishers held back by a full queue -------------------------------------------
+    #
+    # Theory of operation: a publish that would push a message out of a *connected*
+    # subscriber's queue is not taken yet. Its batch, from that op on, waits here, and so does
+    # every later batch of the same connection, in order; the Listener is told to stop reading
+    # (TCP then slows the publisher). Whenever acks make room, waiting batches are tried again.
+    # After `publish_wait` they are forced: the oldest unsent messages make room, counted and
+    # told as `dropped`. A live subscriber that keeps up therefore loses nothing however fast
+    # it is published to, and a stuck one holds publishers up for `publish_wait` at most.
+
+    def _hold(self, conn: ConnHandle, rest: SessionOps) -> None:
+        token = next(self._hold_tokens)
+        self._held[conn.conn_id] = _Held(conn, deque([rest]), token)
+        tell(conn.ref, Throttle(True))
+        ref = self.actor_ref
+        over = _WaitOver(conn.conn_id, token)
+        self.loop.call_later(self._publish_wait, lambda: tell(ref, over))
+
+    def _release_held(self, only: int | None = None, *, force: bool = False) -> None:
+        for conn_id in [only] if only is not None else list(self._held):
+            held = self._held.get(conn_id)
+            if held is None:
+                continue
+            while held.batches:
+                rest, _ = self._process(held.batches.popleft(), force=force)
+                if rest is not None:
+                    held.batches.appendleft(rest)
+                    break
+            else:
+                del self._held[conn_id]
+                tell(held.conn.ref, Throttle(False))
 
     def _publish(
         self, topic: str, payload: bytes, touched: dict[str, SessionSubs], *, force: bool
