@@ -320,11 +320,16 @@ class SubscriberManager(LoopActor):
     # it is published to, and a stuck one holds publishers up for `publish_wait` at most.
 
     def _hold(self, conn: ConnHandle, rest: SessionOps) -> None:
-        token = next(self._hold_tokens)
-        self._held[conn.conn_id] = _Held(conn, deque([rest]), token)
+        held = _Held(conn, deque([rest]), 0)
+        self._held[conn.conn_id] = held
         tell(conn.ref, Throttle(True))
-        ref = self.actor_ref
-        over = _WaitOver(conn.conn_id, token)
+        self._arm_wait(held)
+
+    def _arm_wait(self, held: _Held) -> None:
+        # The wait counts time without progress: a subscriber that is slow but moving keeps
+        # its publishers waiting (nothing lost); one that is stuck releases them forced.
+        held.token = next(self._hold_tokens)
+        ref, over = self.actor_ref, _WaitOver(held.conn.conn_id, held.token)
         self.loop.call_later(self._publish_wait, lambda: tell(ref, over))
 
     def _release_held(self, only: int | None = None, *, force: bool = False) -> None:
@@ -332,14 +337,23 @@ class SubscriberManager(LoopActor):
             held = self._held.get(conn_id)
             if held is None:
                 continue
+            progressed = False
             while held.batches:
-                rest, _ = self._process(held.batches.popleft(), force=force)
+                batch = held.batches.popleft()
+                rest, _ = self._process(batch, force=force)
                 if rest is not None:
                     held.batches.appendleft(rest)
+                    progressed = progressed or len(rest.ops) < len(batch.ops)
                     break
-            else:
+                progressed = True
+            if not held.batches:
                 del self._held[conn_id]
                 tell(held.conn.ref, Throttle(False))
+            elif progressed:
+                # Round robin: whoever got room goes to the back of the line.
+                del self._held[conn_id]
+                self._held[conn_id] = held
+                self._arm_wait(held)
 
     def _publish(
         self, topic: str, payload: bytes, touched: dict[str, SessionSubs], *, force: bool
