@@ -57,3 +57,19 @@ def connect(broker: Broker) -> Iterator[Callable[[], WireClient]]:
     yield make
     for client in clients:
         client.close()
+
+
+@pytest.fixture
+def dial() -> Iterator[Callable[[Broker], WireClient]]:
+    """Connect a WireClient to any broker started in the test; closed at teardown."""
+    made: list[WireClient] = []
+
+    def make(broker: Broker) -> WireClient:
+        assert broker.address is not None
+        client = WireClient(broker.address, timeout=2.0)
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        client.close()

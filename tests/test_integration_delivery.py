@@ -3,7 +3,7 @@ overflow (`registered.dropped` and the `dropped` frame), seq numbering, answer o
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
@@ -23,82 +23,18 @@ from protocol import (
     Subscribe,
     Unsubscribe,
 )
-from tests.wire import WireClient, wait_for
-
-Dial = Callable[[Broker], WireClient]
-
-
-@pytest.fixture
-def dial() -> Iterator[Dial]:
-    """Connect a WireClient to any broker started in the test; closed at teardown."""
-    made: list[WireClient] = []
-
-    def make(broker: Broker) -> WireClient:
-        assert broker.address is not None
-        client = WireClient(broker.address, timeout=2.0)
-        made.append(client)
-        return client
-
-    yield make
-    for client in made:
-        client.close()
-
-
-def wait_connected(broker: Broker, count: int) -> None:
-    """Until the broker has seen the closes: exactly `count` sessions hold a connection."""
-    wait_for(lambda: broker.stats()["connected"] == count)
-
-
-def registered(frame: object) -> Registered:
-    assert isinstance(frame, Registered), frame
-    return frame
-
-
-def delivers(frames: list[BrokerFrame]) -> list[Deliver]:
-    assert all(isinstance(f, Deliver) for f in frames), frames
-    return frames  # type: ignore[return-value]
-
-
-def resume_frame(req: int, client_id: str, reg: Registered) -> Register:
-    return Register(
-        req=req,
-        client_id=client_id,
-        username="alice",
-        session_id=reg.session_id,
-        resume_token=reg.resume_token,
-    )
-
-
-def subscribe(client: WireClient, topic: str) -> None:
-    req = client.next_req()
-    client.send(Subscribe(req=req, topic=topic))
-    assert client.recv() == Ok(req=req)
-
-
-def publish_confirmed(client: WireClient, topic: str, payloads: list[bytes]) -> None:
-    """Publish all in one write, the last with a req, and wait for its confirm."""
-    req = client.next_req()
-    frames = [Publish(topic=topic, payload=p) for p in payloads[:-1]]
-    frames.append(Publish(topic=topic, payload=payloads[-1], req=req))
-    client.send(*frames)
-    assert client.recv() == Ok(req=req)
-
-
-def recv_acking(client: WireClient, n: int) -> list[Deliver]:
-    """Receive `n` deliveries, acking each as it comes, as a client library would."""
-    got: list[Deliver] = []
-    while len(got) < n:
-        frame = client.recv()
-        assert isinstance(frame, Deliver), frame
-        got.append(frame)
-        client.send(Ack(topic=frame.topic, seq=frame.seq))
-    return got
-
-
-def ack(client: WireClient, topic: str, seq: int) -> None:
-    """Ack, and wait until the broker has handled it (answers come in order)."""
-    client.send(Ack(topic=topic, seq=seq))
-    assert client.sync() == []
+from tests.helpers import (
+    Dial,
+    ack,
+    delivers,
+    publish_confirmed,
+    recv_acking,
+    registered,
+    resume_frame,
+    subscribe,
+    wait_connected,
+)
+from tests.wire import WireClient
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import socket
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,42 +24,15 @@ from protocol import (
     Pong,
     Publish,
     Register,
-    Registered,
     Subscribe,
     encode,
 )
+from tests.helpers import (
+    Dial,
+    assert_error,
+    registered,
+)
 from tests.wire import WireClient
-
-Dial = Callable[[Broker], WireClient]
-
-
-@pytest.fixture
-def dial() -> Iterator[Dial]:
-    """Connect a WireClient to any broker started in the test; closed at teardown."""
-    made: list[WireClient] = []
-
-    def make(broker: Broker) -> WireClient:
-        assert broker.address is not None
-        client = WireClient(broker.address, timeout=2.0)
-        made.append(client)
-        return client
-
-    yield make
-    for client in made:
-        client.close()
-
-
-def registered(frame: object) -> Registered:
-    assert isinstance(frame, Registered), frame
-    return frame
-
-
-def assert_error(frame: object, code: str, req: int | None) -> Error:
-    assert isinstance(frame, Error), frame
-    assert frame.code == code, frame
-    assert frame.req == req, frame
-    assert frame.message, frame
-    return frame
 
 
 def prefixed(body: bytes) -> bytes:

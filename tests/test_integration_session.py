@@ -8,7 +8,7 @@ the only sleeps are where the passing of time is the behaviour under test (keepa
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 
 import pytest
@@ -26,69 +26,16 @@ from protocol import (
     Subscribe,
     Unregister,
 )
-from tests.wire import Closed, WireClient, wait_for
-
-Dial = Callable[[Broker], WireClient]
-
-
-@pytest.fixture
-def dial() -> Iterator[Dial]:
-    """Connect a WireClient to any broker started in the test; closed at teardown."""
-    made: list[WireClient] = []
-
-    def make(broker: Broker) -> WireClient:
-        assert broker.address is not None
-        client = WireClient(broker.address, timeout=2.0)
-        made.append(client)
-        return client
-
-    yield make
-    for client in made:
-        client.close()
-
-
-def wait_connected(broker: Broker, count: int) -> None:
-    """Until the broker has seen the closes: exactly `count` sessions hold a connection."""
-    wait_for(lambda: broker.stats()["connected"] == count)
-
-
-def registered(frame: object) -> Registered:
-    assert isinstance(frame, Registered), frame
-    return frame
-
-
-def assert_error(frame: object, code: str, req: int | None) -> Error:
-    assert isinstance(frame, Error), frame
-    assert frame.code == code, frame
-    assert frame.req == req, frame
-    assert frame.message, frame
-    return frame
-
-
-def resume_frame(req: int, client_id: str, reg: Registered, username: str = "alice") -> Register:
-    return Register(
-        req=req,
-        client_id=client_id,
-        username=username,
-        session_id=reg.session_id,
-        resume_token=reg.resume_token,
-    )
-
-
-def subscribe(client: WireClient, topic: str) -> None:
-    req = client.next_req()
-    client.send(Subscribe(req=req, topic=topic))
-    assert client.recv() == Ok(req=req)
-
-
-def publish_confirmed(client: WireClient, topic: str, payloads: list[bytes]) -> None:
-    """Publish all in one write, the last with a req, and wait for its confirm."""
-    req = client.next_req()
-    frames = [Publish(topic=topic, payload=p) for p in payloads[:-1]]
-    frames.append(Publish(topic=topic, payload=payloads[-1], req=req))
-    client.send(*frames)
-    assert client.recv() == Ok(req=req)
-
+from tests.helpers import (
+    Dial,
+    assert_error,
+    publish_confirmed,
+    registered,
+    resume_frame,
+    subscribe,
+    wait_connected,
+)
+from tests.wire import Closed
 
 # --- new session ------------------------------------------------------------------------------
 
