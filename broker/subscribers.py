@@ -65,6 +65,7 @@ _log = structlog.get_logger("tether.subscribers")
 
 @dataclass(slots=True)
 class SessionSubs:
+    session_id: str
     client_id: str
     conn: ConnHandle | None
     credit: int
@@ -163,7 +164,9 @@ class SubscriberManager(LoopActor):
     def _on_attach(self, msg: Attach) -> None:
         subs = self._sessions.get(msg.session_id)
         if subs is None:
-            subs = SessionSubs(client_id=msg.client_id, conn=None, credit=0)
+            subs = SessionSubs(
+                session_id=msg.session_id, client_id=msg.client_id, conn=None, credit=0
+            )
             self._sessions[msg.session_id] = subs
         elif subs.conn is not None:
             # Resumed over a connection that is still open: it has been told `taken_over`.
@@ -172,6 +175,14 @@ class SubscriberManager(LoopActor):
         dropped = sum(q.dropped_away for q in subs.queues.values())
         for q in subs.queues.values():
             q.dropped_away = 0
+        if dropped:
+            _log.warning(
+                "messages_dropped",
+                session_id=msg.session_id,
+                client_id=msg.client_id,
+                count=dropped,
+                connected=False,
+            )
         subs.conn = msg.conn
         subs.credit = self._high_water
         registered = Registered(
@@ -394,6 +405,14 @@ class SubscriberManager(LoopActor):
         for q in subs.queues.values():
             if q.dropped_live:
                 append(encode(Dropped(topic=q.topic, count=q.dropped_live)))
+                _log.warning(
+                    "messages_dropped",
+                    session_id=subs.session_id,
+                    client_id=subs.client_id,
+                    topic=q.topic,
+                    count=q.dropped_live,
+                    connected=True,
+                )
                 q.dropped_live = 0
             # SubscriptionQueue.take() inlined: this loop runs once per delivery.
             topic, pending, unacked = q.topic, q.pending, q.unacked
