@@ -162,11 +162,60 @@ def build_parser() -> argparse.ArgumentParser:
     )
     stats.set_defaults(func=_cmd_stats)
 
-    # Later commands hang off `commands` here, each with its own _cmd_* function:
-    #   tether pub     (publish from the command line)
-    #   tether sub     (subscribe and print deliveries)
+    pub = commands.add_parser(
+        "pub",
+        help="publish a message (from an argument, --file or stdin)",
+        description="Publish MESSAGE, or the contents of --file, or stdin, to TOPIC.",
+    )
+    pub.add_argument("topic", metavar="TOPIC")
+    pub.add_argument("message", metavar="MESSAGE", nargs="?", help="the payload, as UTF-8")
+    pub.add_argument("--file", type=Path, metavar="PATH", help="read the payload from a file")
+    pub.add_argument(
+        "--lines", action="store_true", help="one message per line (without its newline)"
+    )
+    pub.add_argument(
+        "--confirm", action="store_true", help="wait for the broker to accept each message"
+    )
+    _client_arguments(pub, "pub")
+    pub.set_defaults(func=_cmd_pub)
+
+    sub = commands.add_parser(
+        "sub",
+        help="subscribe and print each message",
+        description="Print each message of the TOPICs: the payload as text when it is "
+        "UTF-8, else as hex.",
+    )
+    sub.add_argument("topics", metavar="TOPIC", nargs="+")
+    sub.add_argument("-v", "--verbose", action="store_true", help="prefix topic and seq")
+    sub.add_argument("--json", action="store_true", help="one JSON object per line")
+    sub.add_argument(
+        "--state",
+        type=Path,
+        metavar="FILE",
+        help="keep the session in FILE, to resume it (and lose nothing) next time",
+    )
+    sub.add_argument("--count", type=_positive(int), metavar="N", help="exit after N messages")
+    _client_arguments(sub, "sub")
+    sub.set_defaults(func=_cmd_sub)
 
     return parser
+
+
+def _client_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="broker (default: %(default)s)")
+    parser.add_argument("--port", type=_port, default=7878, help="(default: %(default)s)")
+    parser.add_argument(
+        "--client-id",
+        help=f"session identity (default: tether-{command}-HOST-PID; with --state, the one "
+        "the state file holds)",
+    )
+    parser.add_argument("--username", default="admin", help="(default: %(default)s)")
+    parser.add_argument(
+        "--password-file",
+        type=Path,
+        metavar="PATH",
+        help="read the password from this file (else $TETHER_PASSWORD, else a prompt)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -298,4 +347,160 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     except AdminError as exc:
         raise CliError(str(exc)) from None
     print(json.dumps(stats, indent=2, sort_keys=True))
+    return 0
+
+
+# --- tether pub / tether sub: the bundled client library on the command line -------------
+
+
+def _client_log_to_stderr() -> None:
+    # The client logs through structlog/logging and prints nothing itself; show its warnings
+    # (reconnects, lost sessions, dropped messages) on stderr, away from the messages.
+    import logging
+
+    logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="tether: %(message)s")
+
+
+def _client_id(args: argparse.Namespace, state: Path | None = None) -> str:
+    if args.client_id:
+        return str(args.client_id)
+    if state is not None and state.exists():
+        try:
+            found = json.loads(state.read_text(encoding="utf-8")).get("client_id")
+        except (OSError, ValueError, AttributeError):
+            found = None
+        if isinstance(found, str):
+            return found
+    if state is not None:
+        raise CliError("--state needs --client-id the first time (the session belongs to it)")
+    import socket
+
+    return f"tether-{args.command}-{socket.gethostname()}-{os.getpid()}"[:128]
+
+
+def _pub_payloads(args: argparse.Namespace) -> list[bytes]:
+    if args.message is not None and args.file is not None:
+        raise CliError("give the message as an argument or with --file, not both")
+    if args.message is not None:
+        data = args.message.encode()
+    elif args.file is not None:
+        try:
+            data = args.file.read_bytes()
+        except OSError as exc:
+            raise CliError(f"cannot read {args.file}: {exc.strerror or exc}") from None
+    else:
+        if sys.stdin is None or sys.stdin.isatty():
+            raise CliError("no message: give it as an argument, with --file, or on stdin")
+        data = sys.stdin.buffer.read()
+    if not args.lines:
+        return [data]
+    lines = data.split(b"\n")
+    if lines[-1] == b"":
+        lines.pop()  # the newline that ends the last line does not start another message
+    return [line[:-1] if line.endswith(b"\r") else line for line in lines]
+
+
+def _cmd_pub(args: argparse.Namespace) -> int:
+    from client import Client, TetherError
+    from protocol import Publish
+
+    _client_log_to_stderr()
+    payloads = _pub_payloads(args)
+    try:
+        Publish(topic=args.topic, payload=b"")  # a bad topic fails before connecting
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    password = client_password(args.password_file)
+    try:
+        client = Client(
+            client_id=_client_id(args),
+            username=args.username,
+            password=password,
+            host=args.host,
+            port=args.port,
+            connect_timeout=5.0,
+        )
+        client.connect()
+        try:
+            for payload in payloads:
+                client.publish(args.topic, payload, confirm=args.confirm)
+        except BaseException:
+            client.close()
+            raise
+        # Answers come in request order, so the unregister's ok also means that every
+        # publish before it was taken; and no session is left lingering behind.
+        client.unregister()
+    except TetherError as exc:
+        raise CliError(str(exc)) from None
+    return 0
+
+
+def _format_message(message: object, *, verbose: bool, as_json: bool) -> str:
+    from client import Message
+
+    assert isinstance(message, Message)
+    try:
+        text: str | None = message.payload.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if as_json:
+        record: dict[str, object] = {"topic": message.topic, "seq": message.seq}
+        if text is not None:
+            record.update(payload=text, encoding="utf-8")
+        else:
+            record.update(payload=message.payload.hex(), encoding="hex")
+        if message.redelivered:
+            record["redelivered"] = True
+        return json.dumps(record, ensure_ascii=False)
+    body = text if text is not None else message.payload.hex()
+    return f"{message.topic} {message.seq} {body}" if verbose else body
+
+
+def _cmd_sub(args: argparse.Namespace) -> int:
+    import threading
+
+    from client import Client, TetherError
+
+    _client_log_to_stderr()
+    password = client_password(args.password_file)
+    done = threading.Event()
+    lock = threading.Lock()
+    seen = 0
+
+    def show(message: object) -> None:
+        nonlocal seen
+        with lock:
+            if done.is_set():
+                return
+            line = _format_message(message, verbose=args.verbose, as_json=args.json)
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+            seen += 1
+            if args.count is not None and seen >= args.count:
+                done.set()
+
+    try:
+        client = Client(
+            client_id=_client_id(args, args.state),
+            username=args.username,
+            password=password,
+            host=args.host,
+            port=args.port,
+            state_file=args.state,
+            connect_timeout=5.0,
+            on_taken_over=lambda _error: done.set(),
+        )
+        with client:
+            for topic in args.topics:
+                client.subscribe(topic, show)
+            while not done.wait(0.2) and not client.closed:
+                pass
+            if client.error is not None:
+                raise client.error
+    except TetherError as exc:
+        raise CliError(str(exc)) from None
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    except BrokenPipeError:
+        return 0
     return 0

@@ -2,8 +2,11 @@
 
 A hypothesis state machine drives random sequences of push / take / ack / requeue_unacked
 against a deliberately naive model: the list of held messages in seq order, of which a prefix
-has been sent (taking always sends the oldest unsent one, and a requeue makes them all unsent
-again). Every pushed message is tracked until it is acked or dropped.
+has been sent and not acked (taking sends the oldest unsent one while fewer than `window` are
+unacked; a requeue makes them all unsent again, to be flagged as redeliveries). Overflow drops
+the oldest unsent message, or the oldest sent one when only the newest is unsent, never the
+newest. Every pushed message is tracked until it is acked or dropped: seqs held are strictly
+increasing, and every gap between them is a counted drop.
 """
 
 from __future__ import annotations
@@ -94,9 +97,9 @@ class QueueMachine(RuleBasedStateMachine):
     def take(self) -> None:
         q = self.queue
         entry = q.take()
-        # A queue may bound how many are sent and unacked at once (a delivery window).
-        window = getattr(q, "window", None)
-        if self.n_sent == len(self.held) or (window is not None and self.n_sent >= window):
+        # At most `window` sent and unacked at once (a delivery window).
+        assert 1 <= q.window <= q.max_count
+        if self.n_sent == len(self.held) or self.n_sent >= q.window:
             assert entry is None
             return
         expected = self.held[self.n_sent]

@@ -14,13 +14,17 @@ all on one loop with FIFO inboxes, so asking each in that order in rounds, until
 received nothing new in a round, leaves nothing in flight.
 
 The model keeps, per session and topic, every message published to it since it subscribed
-(`payloads` by the seq the broker must give it), what the client has acked and the highest seq
-it has seen. Every delivery is checked as it is decoded: each connection receives a topic's
-messages as one contiguous run from the oldest unacked, so a resume drains the queue before
-anything newer; a seq already seen must be flagged `redelivered` and carry the same payload,
-a new one must not be flagged. After each step a connected subscriber must have seen every
-message of its topics, and the broker's counters (sessions, queued messages, deliveries) must
-match the model, so an expired or taken-over session holds nothing.
+(`payloads` by the seq the broker must give it), what the client has acked, the highest seq
+the broker has sent and the highest the client has seen (a delivery that reaches a connection
+whose socket already died counts as sent, not seen). Every delivery is checked as it is
+decoded: each connection receives a topic's messages as one contiguous run from the oldest
+unacked, so a resume drains the queue before anything newer; every payload is the one
+published under that seq (so a duplicate, seq <= the highest seen, repeats the first one);
+a seq sent before must be flagged `redelivered` and a new one must not. After each step a
+connected subscriber must have seen every message of its topics (no gaps after dedup), and
+the broker's counters (sessions, queued messages, deliveries) must match the model, so an
+expired, taken-over or unregistered session holds nothing; a resume's `registered.queued` is
+the model's count of unsent plus unacked messages.
 """
 
 from __future__ import annotations

@@ -1,0 +1,548 @@
+"""`AsyncClient`: the asyncio front end of the connection state machine.
+
+Same semantics as the blocking `Client`, on three tasks instead of threads: the connection
+task (connect, read, reconnect with backoff), the keepalive task (pings with the health
+report; an unanswered one drops the connection) and the dispatcher task (runs handlers in
+order, then acks once per batch). Writes are coalesced: whatever the machine queued during
+one turn of the event loop goes out as one `write`.
+
+Handlers and callbacks may be plain functions or coroutine functions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import inspect
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from . import events as ev
+from .errors import ClientClosed, ConnectionFailed, Rejected, TetherError, Timeout
+from .log import get_logger
+from .machine import ClientMachine, Phase
+from .options import ClientOptions, Health
+from .router import Router
+from .state import load_state, save_state
+
+__all__ = ["AsyncClient", "AsyncSubscription"]
+
+AsyncHandler = Callable[[ev.Message], Any]  # may return an awaitable
+
+_READ_SIZE = 256 * 1024
+_END = object()
+_STOP = object()
+
+
+async def _call(func: Callable[..., Any], *args: Any) -> Any:
+    result = func(*args)
+    if inspect.isawaitable(result):
+        result = await result
+    return result
+
+
+class AsyncSubscription:
+    """One topic of an `AsyncClient`. Without a handler, `async for` over it: each message
+    is acked when the loop asks for the next one."""
+
+    def __init__(self, client: AsyncClient, topic: str, handler: AsyncHandler | None) -> None:
+        self.client = client
+        self.topic = topic
+        self.handler = handler
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._current: ev.Message | None = None
+        self._ended = False
+
+    def __aiter__(self) -> AsyncIterator[ev.Message]:
+        return self
+
+    async def __anext__(self) -> ev.Message:
+        message = await self.get()
+        if message is None:
+            raise StopAsyncIteration
+        return message
+
+    async def get(self, timeout: float | None = None) -> ev.Message | None:
+        """The next message (acking the previous one), or None once unsubscribed or closed."""
+        if self.handler is not None:
+            raise TypeError(f"the subscription to {self.topic!r} has a handler: not iterable")
+        if self._current is not None:
+            previous, self._current = self._current, None
+            await self.client._handled([previous])
+        if self._ended:
+            return None
+        try:
+            item = await asyncio.wait_for(self._queue.get(), timeout)
+        except TimeoutError:
+            raise Timeout(
+                f"no message on {self.topic!r} within {timeout} s: wait longer, or check "
+                "that something publishes to it"
+            ) from None
+        if item is _END:
+            self._ended = True
+            return None
+        message: ev.Message = item
+        self._current = message
+        return message
+
+    async def unsubscribe(self, *, wait: bool = True) -> None:
+        await self.client.unsubscribe(self.topic, wait=wait)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Claim:
+    topic: str
+    sub: AsyncSubscription
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Cancel:
+    topic: str
+
+
+class AsyncClient:
+    """An asyncio Tether client: `async with AsyncClient(client_id=..., ...) as c: ...`."""
+
+    def __init__(self, options: ClientOptions | None = None, /, **overrides: Any) -> None:
+        if options is None:
+            options = ClientOptions(**overrides)
+        elif overrides:
+            options = dataclasses.replace(options, **overrides)
+        self.options = options
+        state = (
+            load_state(options.state_file, options.client_id)
+            if options.state_file is not None
+            else None
+        )
+        self._machine = ClientMachine(options.machine_config(), state)
+        self._backoff = options.backoff
+        self._log = get_logger(client_id=options.client_id)
+        self._waiters: dict[int, asyncio.Future[None]] = {}
+        self._router: Router[AsyncSubscription] = Router()
+        self._inbox: asyncio.Queue[Any] = asyncio.Queue()
+        self._writer: asyncio.StreamWriter | None = None
+        self._flush_scheduled = False
+        self._registered = asyncio.Event()
+        self._ended = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._changed = asyncio.Event()  # set whenever buffered bytes may have gone down
+        self._end_error: TetherError | None = None
+        self._last_error: BaseException | None = None
+        self._drop_connection = False
+        self._ping: tuple[int, float] | None = None
+        self._state_lock = asyncio.Lock()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._close_started = False
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def __aenter__(self) -> AsyncClient:
+        return await self.connect()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def connect(self, timeout: float | None = None) -> AsyncClient:
+        """Start and wait for a session; raises like `Client.connect`."""
+        if self._close_started:
+            raise ClientClosed()
+        if not self._tasks:
+            self._tasks = [
+                asyncio.create_task(self._run(), name="tether-connection"),
+                asyncio.create_task(self._keepalive_loop(), name="tether-keepalive"),
+                asyncio.create_task(self._dispatch_loop(), name="tether-dispatch"),
+            ]
+        limit = timeout if timeout is not None else self.options.connect_timeout
+        registered = asyncio.ensure_future(self._registered.wait())
+        ended = asyncio.ensure_future(self._ended.wait())
+        try:
+            await asyncio.wait({registered, ended}, timeout=limit, return_when="FIRST_COMPLETED")
+        finally:
+            registered.cancel()
+            ended.cancel()
+        if self._registered.is_set():
+            return self
+        error: TetherError
+        if self._ended.is_set():
+            error = self._end_error or ClientClosed()
+        else:
+            o = self.options
+            error = ConnectionFailed(
+                f"could not get a session from the broker at {o.host}:{o.port} within "
+                f"{limit:g} s (last problem: {self._last_error or 'no answer'}): check that "
+                "the broker runs there and that this machine can reach it"
+            )
+        await self.close()
+        raise error
+
+    async def close(self) -> None:
+        """Like `Client.close`: acks, saves the state, closes; idempotent."""
+        if self._close_started:
+            return
+        self._close_started = True
+        self._machine.flush_acks()
+        self._on_events(self._machine.close())
+        self._do_flush()
+        self._stop.set()
+        writer = self._writer
+        if writer is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.drain(), 5.0)
+            writer.close()
+        self._inbox.put_nowait(_STOP)
+        me = asyncio.current_task()
+        others = [t for t in self._tasks if t is not me]
+        for task in others:
+            if task.get_name() != "tether-dispatch":
+                task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
+        await self._save_state()
+        self._end_subscriptions()
+
+    async def unregister(self) -> None:
+        """End the session for good (queues discarded), then close."""
+        req = self._machine.unregister()
+        future = self._future(req)
+        self._schedule_flush()
+        try:
+            await self._wait(future, req, "unregister")
+        finally:
+            await self.close()
+
+    # --- requests ------------------------------------------------------------------------
+
+    async def subscribe(
+        self, topic: str, handler: AsyncHandler | None = None, *, wait: bool = True
+    ) -> AsyncSubscription:
+        self._check_usable()
+        sub = AsyncSubscription(self, topic, handler)
+        req = self._machine.subscribe(topic)
+        future = self._future(req) if wait else None
+        self._inbox.put_nowait(_Claim(topic, sub))
+        self._schedule_flush()
+        if future is not None:
+            await self._wait(future, req, f"subscribe to {topic!r}")
+        return sub
+
+    async def unsubscribe(self, topic: str, *, wait: bool = True) -> None:
+        self._check_usable()
+        req = self._machine.unsubscribe(topic)
+        future = self._future(req) if wait else None
+        self._inbox.put_nowait(_Cancel(topic))
+        self._schedule_flush()
+        if future is not None:
+            await self._wait(future, req, f"unsubscribe from {topic!r}")
+
+    async def publish(self, topic: str, payload: bytes | str, *, confirm: bool = False) -> None:
+        data = payload.encode() if isinstance(payload, str) else payload
+        limit = self.options.request_timeout
+        deadline = time.monotonic() + limit
+        self._check_usable()
+        while self._buffered() > self.options.max_buffer:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise Timeout(
+                    f"{self._buffered()} bytes still wait to be sent after {limit:g} s: the "
+                    "broker is unreachable or slower than the publisher"
+                )
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), min(remaining, 0.1))
+            self._check_usable()
+        req = self._machine.publish(topic, data, confirm=confirm)
+        self._schedule_flush()
+        if req is not None:
+            await self._wait(self._future(req), req, f"publish to {topic!r}")
+
+    @property
+    def session_id(self) -> str | None:
+        return self._machine.session_id
+
+    @property
+    def connected(self) -> bool:
+        return self._machine.phase is Phase.READY
+
+    @property
+    def closed(self) -> bool:
+        return self._close_started or self._ended.is_set()
+
+    @property
+    def error(self) -> TetherError | None:
+        """Why the client stopped by itself (taken over, auth failed, ...), else None."""
+        return self._end_error
+
+    # --- internals: requests and writing -------------------------------------------------
+
+    def _check_usable(self) -> None:
+        if self._machine.closed or self._close_started:
+            raise self._end_error or ClientClosed()
+
+    def _buffered(self) -> int:
+        writer = self._writer
+        pending = writer.transport.get_write_buffer_size() if writer is not None else 0
+        return self._machine.buffered + pending
+
+    def _future(self, req: int) -> asyncio.Future[None]:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters[req] = future
+        return future
+
+    async def _wait(self, future: asyncio.Future[None], req: int, what: str) -> None:
+        timeout = self.options.request_timeout
+        try:
+            await asyncio.wait_for(asyncio.shield(future), timeout)
+        except TimeoutError:
+            self._waiters.pop(req, None)
+            raise Timeout(
+                f"no answer from the broker to {what} within {timeout:g} s (the client keeps "
+                "trying): check the connection, or raise request_timeout"
+            ) from None
+
+    def _schedule_flush(self) -> None:
+        # Everything queued during this turn of the loop goes out as one write.
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._do_flush)
+
+    def _do_flush(self) -> None:
+        self._flush_scheduled = False
+        writer = self._writer
+        if writer is None or writer.is_closing():
+            return
+        data = self._machine.data_to_send()
+        if data:
+            writer.write(data)
+        self._changed.set()
+
+    # --- internals: events ---------------------------------------------------------------
+
+    def _on_events(self, events: list[ev.Event]) -> None:
+        for event in events:
+            if isinstance(event, ev.Message):
+                self._inbox.put_nowait(event)
+            elif isinstance(event, ev.RequestDone | ev.RequestFailed):
+                if self._ping is not None and self._ping[0] == event.req:
+                    self._ping = None
+                future = self._waiters.pop(event.req, None)
+                if future is not None and not future.done():
+                    if isinstance(event, ev.RequestFailed):
+                        future.set_exception(event.error)
+                    else:
+                        future.set_result(None)
+            elif isinstance(event, ev.Registered):
+                self._ping = None
+                self._log.info(
+                    "registered",
+                    session_id=event.session_id,
+                    resumed=event.resumed,
+                    queued=event.queued,
+                    dropped=event.dropped,
+                )
+                self._registered.set()
+                self._inbox.put_nowait(event)
+            elif isinstance(event, ev.Disconnect):
+                self._log.warning("dropping_connection", reason=event.reason)
+                self._drop_connection = True
+            elif isinstance(event, ev.Closed):
+                self._end_error = event.error
+                self._ended.set()
+                self._changed.set()
+                if event.error is not None:
+                    # Before the first session, connect() raises it: no need to shout twice.
+                    log = self._log.error if self._registered.is_set() else self._log.info
+                    log("stopped", error=str(event.error))
+                    self._inbox.put_nowait(event)
+            else:
+                self._inbox.put_nowait(event)
+
+    # --- internals: the connection task --------------------------------------------------
+
+    async def _run(self) -> None:
+        attempt = 0
+        o = self.options
+        while not self._ended.is_set() and not self._stop.is_set():
+            try:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection(o.host, o.port, limit=_READ_SIZE),
+                    min(10.0, o.connect_timeout),
+                )
+            except (OSError, TimeoutError) as exc:
+                self._last_error = exc
+                self._log.info("connect_failed", host=o.host, port=o.port, error=str(exc))
+            else:
+                if self._stop.is_set() or self._machine.closed:
+                    writer.close()
+                    break
+                self._writer = writer
+                self._drop_connection = False
+                self._machine.connection_made()
+                self._do_flush()
+                if await self._read_connection(reader, writer):
+                    attempt = 0
+            if self._ended.is_set() or self._stop.is_set():
+                break
+            delay = self._backoff.delay(attempt)
+            attempt += 1
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), delay)
+
+    async def _read_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
+        registered = False
+        try:
+            while True:
+                try:
+                    data = await reader.read(_READ_SIZE)
+                except OSError as exc:
+                    self._last_error = exc
+                    break
+                if not data:
+                    self._last_error = ConnectionFailed("the broker closed the connection")
+                    break
+                self._on_events(self._machine.receive_data(data))
+                # Duplicates make no event for the dispatcher but still need their ack.
+                self._machine.flush_acks()
+                registered = registered or self._machine.phase is Phase.READY
+                self._do_flush()
+                if self._drop_connection or self._machine.closed:
+                    break
+        finally:
+            if self._writer is writer:
+                self._writer = None
+            self._on_events(self._machine.connection_lost())
+            writer.transport.abort()
+        if not self._stop.is_set() and not self._machine.closed:
+            self._log.info("connection_lost", error=str(self._last_error))
+        return registered
+
+    # --- internals: keepalive ------------------------------------------------------------
+
+    async def _keepalive_loop(self) -> None:
+        while not self._ended.is_set():
+            await asyncio.sleep(self._machine.keepalive)
+            writer = self._writer
+            if writer is None or self._machine.phase is not Phase.READY:
+                continue
+            now = time.monotonic()
+            if self._ping is not None and now - self._ping[1] >= self._machine.keepalive:
+                self._log.warning("pong_timeout", waited=round(now - self._ping[1], 1))
+                self._last_error = ConnectionFailed("no pong from the broker")
+                writer.transport.abort()
+                continue
+            health = await self._read_health()
+            if self._writer is not writer or self._machine.phase is not Phase.READY:
+                continue
+            req = self._machine.ping(
+                health.status if health else None, dict(health.details) if health else None
+            )
+            if req is not None and self._ping is None:
+                self._ping = (req, now)
+            self._schedule_flush()
+
+    async def _read_health(self) -> Health | None:
+        source = self.options.health
+        if source is None:
+            return None
+        try:
+            value = await _call(source)
+            return value if isinstance(value, Health) else Health(value)
+        except Exception:
+            self._log.exception("health_callable_failed")
+            return None
+
+    # --- internals: the dispatcher -------------------------------------------------------
+
+    async def _dispatch_loop(self) -> None:
+        inbox = self._inbox
+        while True:
+            batch = [await inbox.get()]
+            while len(batch) < 1000 and not inbox.empty():
+                batch.append(inbox.get_nowait())
+            done: list[ev.Message] = []
+            for item in batch:
+                if item is _STOP:
+                    await self._handled(done)
+                    return
+                await self._dispatch(item, done)
+            await self._handled(done)
+
+    async def _dispatch(self, item: Any, done: list[ev.Message]) -> None:
+        if isinstance(item, ev.Message):
+            sub, drop = self._router.route(item)
+            if sub is not None:
+                await self._deliver(sub, item, done)
+            elif drop:
+                done.append(item)
+        elif isinstance(item, _Claim):
+            old = self._router.get(item.topic)
+            held = self._router.add(item.topic, item.sub)
+            if old is not None and old is not item.sub:
+                old._queue.put_nowait(_END)
+            for message in held:
+                await self._deliver(item.sub, message, done)
+        elif isinstance(item, _Cancel):
+            old = self._router.remove(item.topic)
+            if old is not None:
+                old._queue.put_nowait(_END)
+        elif isinstance(item, ev.Registered):
+            await self._save_state()
+        elif isinstance(item, ev.Dropped):
+            self._log.warning("messages_dropped", topic=item.topic, count=item.count)
+            await self._callback(self.options.on_dropped, item)
+        elif isinstance(item, ev.SessionLost):
+            self._log.warning("session_lost", error=str(item.error))
+            await self._callback(self.options.on_session_lost, item.error)
+        elif isinstance(item, ev.TakenOver):
+            await self._callback(self.options.on_taken_over, item.error)
+        elif isinstance(item, ev.BrokerError):
+            self._log.warning("broker_error", code=item.code, message=item.message)
+            await self._callback(self.options.on_error, Rejected(item.code, item.message))
+        elif isinstance(item, ev.Closed):
+            self._end_subscriptions()
+
+    async def _deliver(
+        self, sub: AsyncSubscription, message: ev.Message, done: list[ev.Message]
+    ) -> None:
+        if sub.handler is None:
+            sub._queue.put_nowait(message)
+            return
+        try:
+            await _call(sub.handler, message)
+        except Exception:
+            self._log.exception("handler_failed", topic=message.topic, seq=message.seq)
+        done.append(message)
+
+    async def _callback(self, callback: Callable[[Any], Any] | None, arg: Any) -> None:
+        if callback is None:
+            return
+        try:
+            await _call(callback, arg)
+        except Exception:
+            self._log.exception("callback_failed", callback=getattr(callback, "__name__", "?"))
+
+    def _end_subscriptions(self) -> None:
+        for sub in self._router.subscriptions():
+            sub._queue.put_nowait(_END)
+
+    async def _handled(self, messages: list[ev.Message]) -> None:
+        for message in messages:
+            self._machine.handled(message)
+        self._machine.flush_acks()
+        self._schedule_flush()
+        await self._save_state()
+
+    async def _save_state(self) -> None:
+        path = self.options.state_file
+        if path is None:
+            return
+        async with self._state_lock:
+            state = self._machine.take_state()
+            if state is not None:
+                try:
+                    # fsync blocks: off the event loop.
+                    await asyncio.to_thread(save_state, path, state)
+                except OSError as exc:
+                    self._log.error("state_file_not_saved", path=str(path), error=str(exc))

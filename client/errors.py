@@ -1,0 +1,115 @@
+"""The client's exceptions: one base class, one subclass per thing the application can act on.
+
+Every message ends with what to do about it, because these reach people through logs and
+tracebacks far from the code that raised them.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AuthFailed",
+    "ClientClosed",
+    "ConnectionFailed",
+    "Rejected",
+    "SessionLost",
+    "StateFileError",
+    "TakenOver",
+    "TetherError",
+    "Timeout",
+]
+
+
+class TetherError(Exception):
+    """Base class of every error the Tether client raises."""
+
+
+class ConnectionFailed(TetherError, ConnectionError):
+    """The broker could not be reached, or the connection broke while a request waited."""
+
+
+class ClientClosed(ConnectionFailed):
+    """The client was closed (or ended for good) before the request completed."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(
+            message
+            or "the client is closed: create a new Client (or call connect() again) to go on"
+        )
+
+
+class Timeout(TetherError, TimeoutError):
+    """No answer within the request timeout. The request may still take effect later."""
+
+
+class Rejected(TetherError):
+    """The broker answered a request with an error; `code` is the broker's error code."""
+
+    code: str
+    broker_message: str
+
+    def __init__(self, code: str, broker_message: str, *, hint: str | None = None) -> None:
+        self.code = code
+        self.broker_message = broker_message
+        text = f"the broker refused the request ({code}: {broker_message})"
+        super().__init__(f"{text}: {hint or _HINTS.get(code, _DEFAULT_HINT)}")
+
+
+class AuthFailed(Rejected):
+    """Wrong username or password (the broker does not say which). The client stops."""
+
+    def __init__(self, username: str, broker_message: str = "wrong username or password") -> None:
+        super().__init__(
+            "auth_failed",
+            broker_message,
+            hint=f"check the password of user {username!r} "
+            "(the broker's admin adds users with `tether user add NAME --users PATH`)",
+        )
+
+
+class TakenOver(TetherError):
+    """Another connection resumed or took over this session. The client stops for good."""
+
+    def __init__(self, client_id: str) -> None:
+        super().__init__(
+            f"another client took over the session of client_id {client_id!r}, so this one "
+            "stopped: make sure only one process uses this client_id (and state file)"
+        )
+
+
+class SessionLost(TetherError):
+    """The session expired or ended while away; a fresh one replaced it. Queued messages and
+    whatever the old session had not delivered are gone."""
+
+    old_session_id: str | None
+
+    def __init__(self, old_session_id: str | None, *, expiry: float | None = None) -> None:
+        self.old_session_id = old_session_id
+        hint = (
+            "reconnect sooner, or ask for a longer `tether serve --session-expiry`"
+            if expiry is None
+            else f"it lingers only {expiry:g} s after a disconnect: reconnect sooner, or ask "
+            "for a longer `tether serve --session-expiry`"
+        )
+        super().__init__(
+            f"session {old_session_id} was gone when the client came back (expired, "
+            f"unregistered or taken over); a new session replaced it and messages queued for "
+            f"the old one are lost: {hint}"
+        )
+
+
+class StateFileError(TetherError):
+    """The state file cannot be read or does not belong to this client."""
+
+
+_DEFAULT_HINT = "see docs/protocol.md, section 5, for what the code means"
+_HINTS = {
+    "bad_request": "the client sent something the broker does not accept; check the topic "
+    "(1..256 characters, no leading '$' for publish) and the payload size",
+    "conflict": "another session holds this client_id: resume it with the same state file, "
+    "pass takeover=True to replace it, or wait until it expires",
+    "rate_limited": "too many failed logins from this address: wait a minute and check the "
+    "password",
+    "not_registered": "the connection was not registered yet; this is a client bug, please "
+    "report it",
+    "unknown_session": "the session is gone; the client registers afresh by itself",
+}

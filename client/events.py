@@ -1,0 +1,116 @@
+"""What the connection state machine tells its front end (and, through it, the application)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import TetherError
+
+__all__ = [
+    "BrokerError",
+    "Closed",
+    "Disconnect",
+    "Dropped",
+    "Event",
+    "Message",
+    "Registered",
+    "RequestDone",
+    "RequestFailed",
+    "SessionLost",
+    "TakenOver",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Registered:
+    """The connection holds the session now (`resumed`: the old one, queues intact)."""
+
+    session_id: str
+    resumed: bool
+    queued: int
+    dropped: int
+    keepalive: int
+    expiry: int
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A delivery the application has not seen before. `epoch` counts the sessions this client
+    has had: a message of an earlier session is never acked on a later one."""
+
+    topic: str
+    seq: int
+    payload: bytes
+    redelivered: bool = False
+    epoch: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Dropped:
+    """`count` messages were discarded by a full queue and will never arrive. `topic` is None
+    for `registered.dropped` (overflow while away, summed over the subscriptions)."""
+
+    topic: str | None
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class SessionLost:
+    """The session was gone on return; a new, empty one replaced it (subscriptions restored)."""
+
+    error: TetherError
+
+
+@dataclass(frozen=True, slots=True)
+class TakenOver:
+    """Another connection took the session. A `Closed` follows: do not reconnect."""
+
+    error: TetherError
+
+
+@dataclass(frozen=True, slots=True)
+class RequestDone:
+    req: int
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFailed:
+    req: int
+    error: TetherError
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerError:
+    """An `error` frame not tied to any request of ours (e.g. for a fire-and-forget publish)."""
+
+    code: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnect:
+    """The front end should drop this connection and reconnect after a backoff."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Closed:
+    """The machine is finished: never reconnect. `error` is None for a clean end (close() or
+    unregister)."""
+
+    error: TetherError | None
+
+
+Event = (
+    Registered
+    | Message
+    | Dropped
+    | SessionLost
+    | TakenOver
+    | RequestDone
+    | RequestFailed
+    | BrokerError
+    | Disconnect
+    | Closed
+)

@@ -1,0 +1,94 @@
+"""`ClientOptions`: every setting of a client, shared by the blocking and the asyncio one."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from protocol import DEFAULT_MAX_FRAME, HEALTH_STATUSES
+
+from .backoff import Backoff
+from .errors import SessionLost, TakenOver, TetherError
+from .events import Dropped
+from .machine import MachineConfig
+
+__all__ = ["ClientOptions", "Health", "HealthSource"]
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    """A health report, sent with every keepalive ping."""
+
+    status: str = "healthy"  # healthy | degraded | unhealthy
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.status not in HEALTH_STATUSES:
+            raise ValueError(
+                f"health status must be one of {', '.join(sorted(HEALTH_STATUSES))}, "
+                f"got {self.status!r}"
+            )
+
+
+# What a health callable may return: a Health, or just a status string.
+HealthSource = Callable[[], "Health | str"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClientOptions:
+    client_id: str
+    username: str
+    password: str | None = None  # needed for a fresh session; a resume does without
+    host: str = "127.0.0.1"
+    port: int = 7878
+    keepalive: int = 30  # seconds between pings; the broker drops us after 1.5x silence
+    metadata: Mapping[str, Any] = field(default_factory=dict)  # name, kind, version, tags, ...
+    # Replace an existing session of this client_id at the first registration. Never used
+    # again after that: two clients must not steal one session back and forth.
+    takeover: bool = False
+    state_file: str | os.PathLike[str] | None = None  # resume across process restarts
+    request_timeout: float = 30.0  # per request waiting for the broker's answer
+    connect_timeout: float = 30.0  # connect() gives up after this long (retrying meanwhile)
+    backoff_base: float = 0.1
+    backoff_cap: float = 30.0
+    max_frame: int = DEFAULT_MAX_FRAME  # the broker's --max-frame
+    max_buffer: int = 8 << 20  # bytes queued for sending before publish() blocks
+    health: HealthSource | None = None
+    # Called from the client's dispatcher (in order with the messages), never concurrently.
+    on_session_lost: Callable[[SessionLost], Any] | None = None
+    on_dropped: Callable[[Dropped], Any] | None = None
+    on_taken_over: Callable[[TakenOver], Any] | None = None
+    on_error: Callable[[TetherError], Any] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("request_timeout", "connect_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0 seconds")
+        if self.max_buffer < 1:
+            raise ValueError("max_buffer must be >= 1 byte")
+        self.backoff  # noqa: B018 - validates base and cap now, not at the first reconnect
+
+    @property
+    def backoff(self) -> Backoff:
+        return Backoff(self.backoff_base, self.backoff_cap)
+
+    def machine_config(self) -> MachineConfig:
+        return MachineConfig(
+            client_id=self.client_id,
+            username=self.username,
+            password=self.password,
+            keepalive=self.keepalive,
+            metadata=dict(self.metadata),
+            takeover=self.takeover,
+            max_frame=self.max_frame,
+        )
+
+
+def read_health(source: HealthSource | None) -> Health | None:
+    """The application's health report, or None when it has no callable."""
+    if source is None:
+        return None
+    value = source()
+    return value if isinstance(value, Health) else Health(value)

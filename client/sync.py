@@ -1,0 +1,608 @@
+"""`Client`: the blocking front end of the connection state machine, on plain threads.
+
+Three threads per client, each with one job:
+
+- the reader ("tether-reader") connects, feeds what it reads to the machine, and on any loss
+  of the connection waits a backoff delay and connects again (the machine then resumes);
+- the writer ("tether-keepalive") sends what the machine has queued, all of it in one write
+  (so a burst of publishes or acks becomes few segments), and pings at the keepalive
+  interval with the application's health report; an unanswered ping drops the connection;
+- the dispatcher ("tether-dispatch") runs the application's handlers and callbacks, one at a
+  time, in the order the broker sent them, then acks what they finished, once per batch.
+
+The machine is only touched under `self._lock`; no application code runs under it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import queue
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from . import events as ev
+from .errors import ClientClosed, ConnectionFailed, Rejected, TetherError, Timeout
+from .log import get_logger
+from .machine import ClientMachine, Phase
+from .options import ClientOptions, read_health
+from .router import Router
+from .state import load_state, save_state
+
+__all__ = ["Client", "Subscription"]
+
+Handler = Callable[[ev.Message], Any]
+
+_READ_SIZE = 256 * 1024
+_END = object()  # ends a Subscription's iterator
+_STOP = object()  # ends the dispatcher
+
+
+class Subscription:
+    """One topic of a `Client`. Without a handler, iterate over it to get the messages: each
+    one is acked when the loop asks for the next (so the loop body is the handler)."""
+
+    def __init__(self, client: Client, topic: str, handler: Handler | None) -> None:
+        self.client = client
+        self.topic = topic
+        self.handler = handler
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._current: ev.Message | None = None
+        self._ended = False
+
+    def __iter__(self) -> Iterator[ev.Message]:
+        return self
+
+    def __next__(self) -> ev.Message:
+        message = self.get()
+        if message is None:
+            raise StopIteration
+        return message
+
+    def get(self, timeout: float | None = None) -> ev.Message | None:
+        """The next message (acking the previous one), or None once unsubscribed or closed.
+        Raises `Timeout` when none came within `timeout` seconds."""
+        if self.handler is not None:
+            raise TypeError(f"the subscription to {self.topic!r} has a handler: not iterable")
+        self._settle()
+        if self._ended:
+            return None
+        try:
+            item = self._queue.get(timeout=timeout)
+        except queue.Empty:
+            raise Timeout(
+                f"no message on {self.topic!r} within {timeout} s: wait longer, or check "
+                "that something publishes to it"
+            ) from None
+        if item is _END:
+            self._ended = True
+            return None
+        message: ev.Message = item
+        self._current = message
+        return message
+
+    def unsubscribe(self, *, wait: bool = True) -> None:
+        self.client.unsubscribe(self.topic, wait=wait)
+
+    def _settle(self) -> None:
+        if self._current is not None:
+            message, self._current = self._current, None
+            self.client._handled([message])
+
+    def _push(self, item: Any) -> None:
+        self._queue.put(item)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Claim:
+    topic: str
+    sub: Subscription
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Cancel:
+    topic: str
+
+
+class _Waiter:
+    __slots__ = ("done", "error")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.error: TetherError | None = None
+
+
+class Client:
+    """A blocking Tether client. `Client(options)` or `Client(client_id=..., ...)`; use it as
+    a context manager, or call `connect()` and `close()`."""
+
+    def __init__(self, options: ClientOptions | None = None, /, **overrides: Any) -> None:
+        if options is None:
+            options = ClientOptions(**overrides)
+        elif overrides:
+            options = dataclasses.replace(options, **overrides)
+        self.options = options
+        state = (
+            load_state(options.state_file, options.client_id)
+            if options.state_file is not None
+            else None
+        )
+        self._machine = ClientMachine(options.machine_config(), state)
+        self._backoff = options.backoff
+        self._log = get_logger(client_id=options.client_id)
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._state_lock = threading.Lock()
+        self._waiters: dict[int, _Waiter] = {}
+        self._router: Router[Subscription] = Router()
+        self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._sock: socket.socket | None = None
+        self._drop_connection = False
+        self._registered = threading.Event()
+        self._ended = threading.Event()  # the machine is closed: no more connections
+        self._end_error: TetherError | None = None
+        self._last_error: BaseException | None = None
+        self._ping: tuple[int, float] | None = None  # unanswered ping: (req, sent at)
+        self._next_ping = 0.0
+        self._stopping = False
+        self._close_started = False
+        self._threads: list[threading.Thread] = []
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    def __enter__(self) -> Client:
+        return self.connect()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def connect(self, timeout: float | None = None) -> Client:
+        """Start the client and wait until it holds a session (retrying meanwhile).
+
+        Raises `AuthFailed`, `Rejected` (e.g. `conflict`) or `ConnectionFailed` (the broker
+        was not reachable within `timeout`, default `options.connect_timeout`).
+        """
+        if self._close_started:
+            raise ClientClosed()
+        if not self._threads:
+            for target, name in (
+                (self._read_loop, "tether-reader"),
+                (self._write_loop, "tether-keepalive"),
+                (self._dispatch_loop, "tether-dispatch"),
+            ):
+                thread = threading.Thread(target=target, name=name, daemon=True)
+                self._threads.append(thread)
+                thread.start()
+        limit = timeout if timeout is not None else self.options.connect_timeout
+        deadline = time.monotonic() + limit
+        while not self._registered.is_set():
+            if self._ended.is_set():
+                error = self._end_error or ClientClosed()
+                self.close()
+                raise error
+            if time.monotonic() >= deadline:
+                last = self._last_error
+                self.close()
+                o = self.options
+                raise ConnectionFailed(
+                    f"could not get a session from the broker at {o.host}:{o.port} within "
+                    f"{limit:g} s (last problem: {last or 'no answer'}): check that the broker "
+                    "runs there and that this machine can reach it"
+                )
+            self._registered.wait(0.05)
+        return self
+
+    def close(self) -> None:
+        """Stop: acks what was handled, saves the state file, closes the connection. The
+        session lingers on the broker for its expiry (use `unregister()` to end it).
+        Idempotent; safe from a handler."""
+        with self._cond:
+            if self._close_started:
+                return
+            self._close_started = True
+            self._machine.flush_acks()
+            self._on_events(self._machine.close())
+            self._stopping = True
+            self._cond.notify_all()
+        me = threading.current_thread()
+        writer = self._thread("tether-keepalive")
+        if writer is not None and writer is not me:
+            writer.join(5.0)  # it sends the last acks first
+        self._shutdown_socket()
+        self._inbox.put(_STOP)
+        for thread in self._threads:
+            if thread is not me:
+                thread.join(5.0)
+        self._save_state()
+        self._end_subscriptions()
+
+    def unregister(self) -> None:
+        """End the session for good (queues discarded), then close."""
+        with self._cond:
+            req = self._machine.unregister()
+            waiter = self._waiter(req)
+            self._cond.notify_all()
+        try:
+            self._wait(waiter, req, "unregister")
+        finally:
+            self.close()
+
+    # --- requests ------------------------------------------------------------------------
+
+    def subscribe(
+        self, topic: str, handler: Handler | None = None, *, wait: bool = True
+    ) -> Subscription:
+        """Subscribe; `handler(message)` runs for each message (in the dispatcher thread),
+        or iterate over the returned `Subscription`. With `wait`, returns once the broker
+        confirmed (raises `Timeout` after the request timeout: the client keeps trying)."""
+        sub = Subscription(self, topic, handler)
+        with self._cond:
+            self._check_usable()
+            req = self._machine.subscribe(topic)
+            waiter = self._waiter(req) if wait else None
+            # Routed by the dispatcher, in turn with the messages, so that messages held
+            # for this topic are handed over before any newer one.
+            self._inbox.put(_Claim(topic, sub))
+            self._cond.notify_all()
+        if waiter is not None:
+            self._wait(waiter, req, f"subscribe to {topic!r}")
+        return sub
+
+    def unsubscribe(self, topic: str, *, wait: bool = True) -> None:
+        with self._cond:
+            self._check_usable()
+            req = self._machine.unsubscribe(topic)
+            waiter = self._waiter(req) if wait else None
+            self._inbox.put(_Cancel(topic))
+            self._cond.notify_all()
+        if waiter is not None:
+            self._wait(waiter, req, f"unsubscribe from {topic!r}")
+
+    def publish(self, topic: str, payload: bytes | str, *, confirm: bool = False) -> None:
+        """Publish (a str is sent as UTF-8). With `confirm`, return once the broker accepted
+        it for every current subscriber. Blocks while `max_buffer` bytes wait to be sent."""
+        data = payload.encode() if isinstance(payload, str) else payload
+        limit = self.options.request_timeout
+        deadline = time.monotonic() + limit
+        with self._cond:
+            self._check_usable()
+            while self._machine.buffered > self.options.max_buffer:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise Timeout(
+                        f"{self._machine.buffered} bytes still wait to be sent after "
+                        f"{limit:g} s: the broker is unreachable or slower than the publisher"
+                    )
+                self._cond.wait(remaining)
+                self._check_usable()
+            req = self._machine.publish(topic, data, confirm=confirm)
+            waiter = self._waiter(req) if req is not None else None
+            self._cond.notify_all()
+        if waiter is not None and req is not None:
+            self._wait(waiter, req, f"publish to {topic!r}")
+
+    # --- state ---------------------------------------------------------------------------
+
+    @property
+    def session_id(self) -> str | None:
+        return self._machine.session_id
+
+    @property
+    def connected(self) -> bool:
+        """True while a connection holds the session."""
+        return self._machine.phase is Phase.READY
+
+    @property
+    def closed(self) -> bool:
+        return self._close_started or self._ended.is_set()
+
+    @property
+    def error(self) -> TetherError | None:
+        """Why the client stopped by itself (taken over, auth failed, ...), else None."""
+        return self._end_error
+
+    # --- internals: requests -------------------------------------------------------------
+
+    def _check_usable(self) -> None:
+        if self._machine.closed or self._close_started:
+            raise self._end_error or ClientClosed()
+
+    def _waiter(self, req: int) -> _Waiter:
+        waiter = _Waiter()
+        self._waiters[req] = waiter
+        return waiter
+
+    def _wait(self, waiter: _Waiter, req: int, what: str) -> None:
+        timeout = self.options.request_timeout
+        if not waiter.done.wait(timeout):
+            with self._lock:
+                self._waiters.pop(req, None)
+            raise Timeout(
+                f"no answer from the broker to {what} within {timeout:g} s (the client keeps "
+                "trying): check the connection, or raise request_timeout"
+            )
+        if waiter.error is not None:
+            raise waiter.error
+
+    def _thread(self, name: str) -> threading.Thread | None:
+        return next((t for t in self._threads if t.name == name), None)
+
+    # --- internals: events (called with the lock held; no application code here) --------
+
+    def _on_events(self, events: list[ev.Event]) -> None:
+        for event in events:
+            if isinstance(event, ev.Message):
+                self._inbox.put(event)
+            elif isinstance(event, ev.RequestDone | ev.RequestFailed):
+                if self._ping is not None and self._ping[0] == event.req:
+                    self._ping = None
+                waiter = self._waiters.pop(event.req, None)
+                if waiter is not None:
+                    if isinstance(event, ev.RequestFailed):
+                        waiter.error = event.error
+                    waiter.done.set()
+            elif isinstance(event, ev.Registered):
+                self._next_ping = time.monotonic() + self._machine.keepalive
+                self._ping = None
+                self._log.info(
+                    "registered",
+                    session_id=event.session_id,
+                    resumed=event.resumed,
+                    queued=event.queued,
+                    dropped=event.dropped,
+                )
+                self._registered.set()
+                self._inbox.put(event)
+            elif isinstance(event, ev.Disconnect):
+                self._log.warning("dropping_connection", reason=event.reason)
+                self._drop_connection = True
+            elif isinstance(event, ev.Closed):
+                self._end_error = event.error
+                self._ended.set()
+                self._cond.notify_all()
+                if event.error is not None:
+                    # Before the first session, connect() raises it: no need to shout twice.
+                    log = self._log.error if self._registered.is_set() else self._log.info
+                    log("stopped", error=str(event.error))
+                    self._inbox.put(event)
+            else:  # Dropped, SessionLost, TakenOver, BrokerError: for the dispatcher
+                self._inbox.put(event)
+
+    # --- internals: the reader -----------------------------------------------------------
+
+    def _read_loop(self) -> None:
+        attempt = 0
+        o = self.options
+        while not self._ended.is_set() and not self._stopping:
+            try:
+                timeout = min(10.0, o.connect_timeout)
+                sock = socket.create_connection((o.host, o.port), timeout=timeout)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.settimeout(None)
+            except OSError as exc:
+                self._last_error = exc
+                self._log.info("connect_failed", host=o.host, port=o.port, error=str(exc))
+            else:
+                with self._cond:
+                    if self._stopping or self._machine.closed:
+                        sock.close()
+                        break
+                    self._sock = sock
+                    self._drop_connection = False
+                    self._machine.connection_made()
+                    self._cond.notify_all()
+                if self._read_connection(sock):
+                    attempt = 0
+            if self._ended.is_set() or self._stopping:
+                break
+            delay = self._backoff.delay(attempt)
+            attempt += 1
+            self._log.debug("reconnect_wait", delay=round(delay, 3), attempt=attempt)
+            with self._cond:
+                self._cond.wait_for(lambda: self._stopping or self._machine.closed, delay)
+
+    def _read_connection(self, sock: socket.socket) -> bool:
+        """Read until the connection ends; True if it registered."""
+        registered = False
+        try:
+            while True:
+                try:
+                    data = sock.recv(_READ_SIZE)
+                except OSError as exc:
+                    self._last_error = exc
+                    break
+                if not data:
+                    self._last_error = ConnectionFailed("the broker closed the connection")
+                    break
+                with self._cond:
+                    self._on_events(self._machine.receive_data(data))
+                    # Duplicates make no event for the dispatcher but still need their ack.
+                    self._machine.flush_acks()
+                    registered = registered or self._machine.phase is Phase.READY
+                    self._cond.notify_all()
+                    drop = self._drop_connection or self._machine.closed
+                if drop:
+                    break
+        finally:
+            with self._cond:
+                if self._sock is sock:
+                    self._sock = None
+                self._on_events(self._machine.connection_lost())
+                self._cond.notify_all()
+            with contextlib.suppress(OSError):
+                sock.close()
+        if not self._stopping and not self._machine.closed:
+            self._log.info("connection_lost", error=str(self._last_error))
+        return registered
+
+    def _shutdown_socket(self) -> None:
+        sock = self._sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    # --- internals: the writer and keepalive ---------------------------------------------
+
+    def _write_loop(self) -> None:
+        while True:
+            ping_due = False
+            with self._cond:
+                while True:
+                    sock = self._sock
+                    if sock is not None:
+                        data = self._machine.data_to_send()
+                        if data:
+                            break
+                    if self._stopping or self._machine.closed:
+                        return
+                    now = time.monotonic()
+                    if sock is not None and self._machine.phase is Phase.READY:
+                        if now >= self._next_ping:
+                            ping_due = True
+                            break
+                        self._cond.wait(self._next_ping - now)
+                    else:
+                        self._cond.wait()
+            if ping_due:
+                self._keepalive(sock)
+                continue
+            try:
+                sock.sendall(data)
+            except OSError as exc:
+                self._last_error = exc
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+            with self._cond:
+                self._cond.notify_all()  # publishers waiting for buffer room
+
+    def _keepalive(self, sock: socket.socket) -> None:
+        try:
+            health = read_health(self.options.health)
+        except Exception:
+            self._log.exception("health_callable_failed")
+            health = None
+        with self._cond:
+            if self._sock is not sock or self._machine.phase is not Phase.READY:
+                return
+            now = time.monotonic()
+            interval = self._machine.keepalive
+            self._next_ping = now + interval
+            if self._ping is not None and now - self._ping[1] >= interval:
+                # A whole keepalive without a pong: the broker or the path to it is dead.
+                self._log.warning("pong_timeout", waited=round(now - self._ping[1], 1))
+                self._last_error = ConnectionFailed("no pong from the broker")
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                return
+            req = self._machine.ping(
+                health.status if health else None, dict(health.details) if health else None
+            )
+            if req is not None and self._ping is None:
+                self._ping = (req, now)
+
+    # --- internals: the dispatcher -------------------------------------------------------
+
+    def _dispatch_loop(self) -> None:
+        inbox = self._inbox
+        while True:
+            item = inbox.get()
+            batch = [item]
+            while len(batch) < 1000:
+                try:
+                    batch.append(inbox.get_nowait())
+                except queue.Empty:
+                    break
+            done: list[ev.Message] = []
+            for item in batch:
+                if item is _STOP:
+                    self._handled(done)
+                    return
+                self._dispatch(item, done)
+            self._handled(done)
+
+    def _dispatch(self, item: Any, done: list[ev.Message]) -> None:
+        if isinstance(item, ev.Message):
+            sub, drop = self._router.route(item)
+            if sub is not None:
+                self._deliver(sub, item, done)
+            elif drop:
+                done.append(item)
+        elif isinstance(item, ev.Registered):
+            self._save_state()
+        elif isinstance(item, ev.Dropped):
+            self._log.warning("messages_dropped", topic=item.topic, count=item.count)
+            self._callback(self.options.on_dropped, item)
+        elif isinstance(item, ev.SessionLost):
+            self._log.warning("session_lost", error=str(item.error))
+            self._callback(self.options.on_session_lost, item.error)
+        elif isinstance(item, ev.TakenOver):
+            self._callback(self.options.on_taken_over, item.error)
+        elif isinstance(item, ev.BrokerError):
+            self._log.warning("broker_error", code=item.code, message=item.message)
+            self._callback(self.options.on_error, Rejected(item.code, item.message))
+        elif isinstance(item, _Claim):
+            with self._lock:
+                old = self._router.get(item.topic)
+                held = self._router.add(item.topic, item.sub)
+            if old is not None and old is not item.sub:
+                old._push(_END)
+            for message in held:
+                self._deliver(item.sub, message, done)
+        elif isinstance(item, _Cancel):
+            with self._lock:
+                old = self._router.remove(item.topic)
+            if old is not None:
+                old._push(_END)
+        elif isinstance(item, ev.Closed):
+            self._end_subscriptions()
+
+    def _end_subscriptions(self) -> None:
+        with self._lock:
+            subs = self._router.subscriptions()
+        for sub in subs:
+            sub._push(_END)
+
+    def _deliver(self, sub: Subscription, message: ev.Message, done: list[ev.Message]) -> None:
+        if sub.handler is None:
+            sub._push(message)  # acked when the iterating code asks for the next one
+            return
+        try:
+            sub.handler(message)
+        except Exception:
+            # A handler that fails does not stop the others; the message counts as handled
+            # (redelivering it to the same code would most likely fail the same way).
+            self._log.exception("handler_failed", topic=message.topic, seq=message.seq)
+        done.append(message)
+
+    def _callback(self, callback: Callable[[Any], Any] | None, arg: Any) -> None:
+        if callback is None:
+            return
+        try:
+            callback(arg)
+        except Exception:
+            self._log.exception("callback_failed", callback=getattr(callback, "__name__", "?"))
+
+    def _handled(self, messages: list[ev.Message]) -> None:
+        """Mark messages handled and ack them (one ack per topic), then save the state."""
+        with self._cond:
+            for message in messages:
+                self._machine.handled(message)
+            self._machine.flush_acks()
+            self._cond.notify_all()
+        self._save_state()
+
+    def _save_state(self) -> None:
+        path = self.options.state_file
+        if path is None:
+            return
+        with self._state_lock:
+            with self._lock:
+                state = self._machine.take_state()
+            if state is not None:
+                try:
+                    save_state(path, state)
+                except OSError as exc:
+                    self._log.error("state_file_not_saved", path=str(path), error=str(exc))
