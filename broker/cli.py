@@ -477,6 +477,8 @@ def _cmd_sub(args: argparse.Namespace) -> int:
             sys.stdout.flush()
             seen += 1
             if args.count is not None and seen >= args.count:
+                # From the handler: this message counts as handled, none after it does.
+                client.close()
                 done.set()
 
     try:

@@ -4,8 +4,9 @@ sans-IO connection state machine (`client.machine`) under both. Depends on `prot
     from client import Client
 
     with Client(client_id="demo", username="alice", password="secret") as c:
-        c.subscribe("greetings", lambda m: print(m.payload.decode()))
+        inbox = c.subscribe("greetings")  # iterate over it, or pass a handler instead
         c.publish("greetings", "hello", confirm=True)
+        print(next(inbox).payload.decode())  # hello
 """
 
 from .aio import AsyncClient, AsyncSubscription

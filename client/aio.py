@@ -135,6 +135,8 @@ class AsyncClient:
         self._state_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self._close_started = False
+        self._close_done = asyncio.Event()
+        self._in_handler: ev.Message | None = None  # the message a handler is running for
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -178,10 +180,24 @@ class AsyncClient:
         raise error
 
     async def close(self) -> None:
-        """Like `Client.close`: acks, saves the state, closes; idempotent."""
+        """Like `Client.close`: acks, saves the state, closes. Idempotent: a second call
+        waits for the first to finish. From a handler, the message being handled counts as
+        handled, and no later one is."""
+        me = asyncio.current_task()
         if self._close_started:
+            if me not in self._tasks:  # a handler must not wait for itself
+                await self._close_done.wait()
             return
         self._close_started = True
+        try:
+            await self._close(me)
+        finally:
+            self._close_done.set()
+
+    async def _close(self, me: asyncio.Task[Any] | None) -> None:
+        current = self._in_handler
+        if current is not None and me in self._tasks and me.get_name() == "tether-dispatch":
+            self._machine.handled(current)
         self._machine.flush_acks()
         self._on_events(self._machine.close())
         self._do_flush()
@@ -192,7 +208,6 @@ class AsyncClient:
                 await asyncio.wait_for(writer.drain(), 5.0)
             writer.close()
         self._inbox.put_nowait(_STOP)
-        me = asyncio.current_task()
         others = [t for t in self._tasks if t is not me]
         for task in others:
             if task.get_name() != "tether-dispatch":
@@ -506,13 +521,18 @@ class AsyncClient:
     async def _deliver(
         self, sub: AsyncSubscription, message: ev.Message, done: list[ev.Message]
     ) -> None:
+        if self._close_started:
+            return  # close() (maybe from a handler) ends handling: the rest stays unacked
         if sub.handler is None:
             sub._queue.put_nowait(message)
             return
+        self._in_handler = message
         try:
             await _call(sub.handler, message)
         except Exception:
             self._log.exception("handler_failed", topic=message.topic, seq=message.seq)
+        finally:
+            self._in_handler = None
         done.append(message)
 
     async def _callback(self, callback: Callable[[Any], Any] | None, arg: Any) -> None:

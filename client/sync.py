@@ -149,6 +149,8 @@ class Client:
         self._next_ping = 0.0
         self._stopping = False
         self._close_started = False
+        self._close_done = threading.Event()
+        self._in_handler: ev.Message | None = None  # the message a handler is running for
         self._threads: list[threading.Thread] = []
 
     # --- lifecycle -----------------------------------------------------------------------
@@ -198,26 +200,39 @@ class Client:
     def close(self) -> None:
         """Stop: acks what was handled, saves the state file, closes the connection. The
         session lingers on the broker for its expiry (use `unregister()` to end it).
-        Idempotent; safe from a handler."""
+        Idempotent: a second call waits for the first to finish. From a handler, the
+        message being handled counts as handled, and no later one is."""
+        me = threading.current_thread()
         with self._cond:
             if self._close_started:
-                return
-            self._close_started = True
-            self._machine.flush_acks()
-            self._on_events(self._machine.close())
-            self._stopping = True
-            self._cond.notify_all()
-        me = threading.current_thread()
-        writer = self._thread("tether-keepalive")
-        if writer is not None and writer is not me:
-            writer.join(5.0)  # it sends the last acks first
-        self._shutdown_socket()
-        self._inbox.put(_STOP)
-        for thread in self._threads:
-            if thread is not me:
-                thread.join(5.0)
-        self._save_state()
-        self._end_subscriptions()
+                wait = me not in self._threads  # a handler must not wait for itself
+            else:
+                wait = None
+                self._close_started = True
+                current = self._in_handler
+                if current is not None and me is self._thread("tether-dispatch"):
+                    self._machine.handled(current)
+                self._machine.flush_acks()
+                self._on_events(self._machine.close())
+                self._stopping = True
+                self._cond.notify_all()
+        if wait is not None:
+            if wait:
+                self._close_done.wait()
+            return
+        try:
+            writer = self._thread("tether-keepalive")
+            if writer is not None and writer is not me:
+                writer.join(5.0)  # it sends the last acks first
+            self._shutdown_socket()
+            self._inbox.put(_STOP)
+            for thread in self._threads:
+                if thread is not me:
+                    thread.join(5.0)
+            self._save_state()
+            self._end_subscriptions()
+        finally:
+            self._close_done.set()
 
     def unregister(self) -> None:
         """End the session for good (queues discarded), then close."""
@@ -566,15 +581,20 @@ class Client:
             sub._push(_END)
 
     def _deliver(self, sub: Subscription, message: ev.Message, done: list[ev.Message]) -> None:
+        if self._close_started:
+            return  # close() (maybe from a handler) ends handling: the rest stays unacked
         if sub.handler is None:
             sub._push(message)  # acked when the iterating code asks for the next one
             return
+        self._in_handler = message
         try:
             sub.handler(message)
         except Exception:
             # A handler that fails does not stop the others; the message counts as handled
             # (redelivering it to the same code would most likely fail the same way).
             self._log.exception("handler_failed", topic=message.topic, seq=message.seq)
+        finally:
+            self._in_handler = None
         done.append(message)
 
     def _callback(self, callback: Callable[[Any], Any] | None, arg: Any) -> None:

@@ -1,0 +1,69 @@
+"""A subscriber that survives anything short of losing its disk: broker restarts, network
+cuts, and its own restarts. Its state file keeps the session and the last seq handled per
+topic, so after a restart it resumes, gets what was queued meanwhile, and never shows a
+message twice. If the broker forgot the session (expired, or the broker restarted), the
+client registers afresh, re-subscribes, and says so.
+
+    TETHER_PASSWORD=... python examples/resilient_subscriber.py alerts metrics
+    (restart the broker, kill and restart this script: nothing is lost or repeated)
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from _common import connection_settings, show_client_logs
+
+from client import Client, Dropped, Message, SessionLost
+
+
+def show(message: Message) -> None:
+    again = " (redelivered)" if message.redelivered else ""
+    print(
+        f"{message.topic} #{message.seq}{again}: {message.payload.decode(errors='replace')}",
+        flush=True,
+    )
+
+
+def session_lost(error: SessionLost) -> None:
+    print(f"! {error} (re-subscribed; messages published meanwhile are gone)", flush=True)
+
+
+def dropped(event: Dropped) -> None:
+    where = event.topic or "all topics"
+    print(f"! the broker dropped {event.count} message(s) on {where}: queue overflow", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("topics", nargs="+")
+    parser.add_argument("--client-id", default="resilient-subscriber")
+    parser.add_argument("--state", default=".resilient-subscriber.state")
+    args = parser.parse_args()
+    show_client_logs()
+
+    with Client(
+        client_id=args.client_id,
+        state_file=args.state,
+        keepalive=5,  # notice a dead broker within seconds
+        backoff_cap=5.0,  # and come back soon after it does
+        connect_timeout=300.0,
+        on_session_lost=session_lost,
+        on_dropped=dropped,
+        **connection_settings(),
+    ) as client:
+        for topic in args.topics:
+            client.subscribe(topic, show)
+        print(f"listening on {', '.join(args.topics)}; Ctrl-C to stop", flush=True)
+        try:
+            while not client.closed:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+    if client.error is not None:
+        raise SystemExit(f"stopped: {client.error}")
+
+
+if __name__ == "__main__":
+    main()
