@@ -14,8 +14,15 @@ never overtakes a drain.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections import deque
+from collections.abc import Sequence
+from itertools import islice
+from operator import itemgetter
 from typing import NamedTuple
+
+_seq_of = itemgetter(0)
+_payload_of = itemgetter(1)
 
 
 class Entry(NamedTuple):
@@ -67,6 +74,21 @@ class SubscriptionQueue:
             return 0
         return self._make_room(connected)
 
+    def push_many(self, payloads: Sequence[bytes], size: int, *, connected: bool) -> int:
+        """`push` each of `payloads` (`size`: their total length), in order; returns how many
+        of the oldest were dropped. One step when they all fit, which is the usual case."""
+        count = len(payloads)
+        if (
+            len(self.pending) + len(self.unacked) + count <= self.max_count
+            and self.bytes + size <= self.max_bytes
+        ):
+            seq = self.next_seq
+            self.pending.extend(zip(range(seq, seq + count), payloads, strict=True))
+            self.next_seq = seq + count
+            self.bytes += size
+            return 0
+        return sum([self.push(payload, connected=connected) for payload in payloads])
+
     def _make_room(self, connected: bool) -> int:
         # The oldest message not yet sent goes first: one already sent and unacked has most
         # likely arrived, and counting it as dropped would report a gap the client never sees.
@@ -90,13 +112,29 @@ class SubscriptionQueue:
         length = len(self.pending) + len(self.unacked)
         return length >= self.max_count or (length > 0 and self.bytes + size > self.max_bytes)
 
+    def room(self) -> tuple[int, int]:
+        """How many more messages, and how many more payload bytes, fit without pushing one
+        out. The bytes may be negative: a message alone may exceed the byte bound."""
+        return (
+            self.max_count - len(self.pending) - len(self.unacked),
+            self.max_bytes - self.bytes,
+        )
+
     def ack(self, seq: int) -> int:
         """Cumulative ack of every sent delivery up to `seq`; returns how many were removed."""
-        removed = 0
         unacked = self.unacked
-        while unacked and unacked[0][0] <= seq:
-            self.bytes -= len(unacked.popleft()[1])
-            removed += 1
+        if not unacked or unacked[0][0] > seq:
+            return 0
+        if unacked[-1][0] <= seq:
+            removed = len(unacked)
+            self.bytes -= sum(map(len, map(_payload_of, unacked)))
+            unacked.clear()
+            return removed
+        removed = bisect_right(unacked, seq, key=_seq_of)  # unacked is in seq order
+        self.bytes -= sum(map(len, map(_payload_of, islice(unacked, removed))))
+        popleft = unacked.popleft
+        for _ in range(removed):
+            popleft()
         return removed
 
     def take(self) -> Entry | None:
@@ -107,6 +145,21 @@ class SubscriptionQueue:
         entry = self.pending.popleft()
         self.unacked.append(entry)
         return Entry(*entry)
+
+    def sendable(self) -> int:
+        """How many messages `take` would hand out one after the other, at most."""
+        return max(0, min(len(self.pending), self.window - len(self.unacked)))
+
+    def take_many(self, count: int) -> None:
+        """`take` the next `count` messages (at most `sendable()`), all at once."""
+        pending, unacked = self.pending, self.unacked
+        if count == len(pending):
+            unacked.extend(pending)
+            pending.clear()
+        else:
+            popleft, append = pending.popleft, unacked.append
+            for _ in range(count):
+                append(popleft())
 
     def requeue_unacked(self) -> None:
         """The connection is gone: what it was sent and did not ack goes out again first."""

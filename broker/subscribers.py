@@ -20,6 +20,8 @@ same queues behind them.
 from __future__ import annotations
 
 import itertools
+import operator
+from bisect import bisect_left, bisect_right
 from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -56,11 +58,13 @@ from protocol import (
     Subscribe,
     Unregister,
     Unsubscribe,
+    deliver_overhead,
     encode,
-    encode_deliver,
+    encode_delivers,
 )
 
 _log = structlog.get_logger("tether.subscribers")
+_payload_of = operator.itemgetter(1)
 
 
 @dataclass(slots=True)
@@ -261,16 +265,30 @@ class SubscriberManager(LoopActor):
         rest: SessionOps | None = None
         close = msg.close
         ops = msg.ops
-        for index, op in enumerate(ops):
-            match op:
-                case Publish(topic=topic, payload=payload, req=req):
-                    # A publish stands on its own, even from a connection just replaced.
-                    if not self._publish(topic, payload, touched, force=force):
-                        rest = replace(msg, ops=ops[index:])
-                        close = False
+        index, count = 0, len(ops)
+        while index < count:
+            op = ops[index]
+            if type(op) is Publish:
+                # A publish stands on its own, even from a connection just replaced. A run of
+                # publishes to one topic (the usual batch) is queued as one.
+                run = [op]
+                end = index + 1
+                while end < count:
+                    following = ops[end]
+                    if type(following) is not Publish or following.topic != op.topic:
                         break
-                    if req is not None:
-                        replies.append(encode(Ok(req=req)))
+                    run.append(following)
+                    end += 1
+                taken = self._publish_many(op.topic, run, touched, force=force)
+                replies += [encode(Ok(req=p.req)) for p in run[:taken] if p.req is not None]
+                if taken < len(run):
+                    rest = replace(msg, ops=ops[index + taken :])
+                    close = False
+                    break
+                index = end
+                continue
+            index += 1
+            match op:
                 case Error():
                     # The error a malformed frame earned, answered in its turn.
                     replies.append(encode(op))
@@ -389,6 +407,49 @@ class SubscriberManager(LoopActor):
                 touched[session_id] = subs
         return True
 
+    def _publish_many(
+        self, topic: str, run: list[Publish], touched: dict[str, SessionSubs], *, force: bool
+    ) -> int:
+        """`_publish` the messages of `run` (all to `topic`) in order, until one is not taken;
+        returns how many were. As many as every connected subscriber has room for go in one
+        step; the rest, if any, one by one."""
+        members = self._by_topic.get(topic)
+        if not members:
+            self.published += len(run)
+            return len(run)
+        taken = 0
+        if len(run) > 1:
+            sessions = self._sessions
+            payloads = [publish.payload for publish in run]
+            fit = len(payloads)
+            if not force:
+                # The longest prefix no connected subscriber's queue would push anything out for.
+                room_bytes: int | None = None
+                for session_id, q in members.items():
+                    if sessions[session_id].conn is not None:
+                        count, nbytes = q.room()
+                        fit = min(fit, count)
+                        room_bytes = nbytes if room_bytes is None else min(room_bytes, nbytes)
+                if room_bytes is not None and fit > 1:
+                    sums = list(itertools.accumulate(map(len, payloads[:fit])))
+                    fit = bisect_right(sums, room_bytes)
+            if fit > 1:
+                if fit < len(payloads):
+                    del payloads[fit:]
+                size = sum(map(len, payloads))
+                self.published += fit
+                for session_id, q in members.items():
+                    subs = sessions[session_id]
+                    self.dropped += q.push_many(payloads, size, connected=subs.conn is not None)
+                    if subs.conn is not None:
+                        touched[session_id] = subs
+                taken = fit
+        for publish in run[taken:]:
+            if not self._publish(topic, publish.payload, touched, force=force):
+                return taken
+            taken += 1
+        return taken
+
     def _flush(self, touched: dict[str, SessionSubs]) -> None:
         for subs in touched.values():
             self._flush_one(subs)
@@ -414,17 +475,38 @@ class SubscriberManager(LoopActor):
                     connected=True,
                 )
                 q.dropped_live = 0
-            # SubscriptionQueue.take() inlined: this loop runs once per delivery.
-            topic, pending, unacked = q.topic, q.pending, q.unacked
-            redeliver_upto, window = q.redeliver_upto, q.window
-            while credit > 0 and pending and len(unacked) < window:
-                entry = pending.popleft()
-                unacked.append(entry)
-                seq, payload = entry
-                frame = encode_deliver(topic, seq, payload, seq <= redeliver_upto)
-                append(frame)
-                credit -= len(frame)
-                sent += 1
+            # As `take()` while credit > 0, but a run at a time: this is the per-delivery cost.
+            count = q.sendable() if credit > 0 else 0
+            if not count:
+                continue
+            pending = q.pending
+            if count == len(pending):
+                entries = list(pending)
+            else:
+                entries = list(itertools.islice(pending, count))
+            least, most = deliver_overhead(q.topic)
+            if q.bytes + count * most >= credit:
+                # The credit may run out first: encode only up to where it would at the least
+                # overhead (so a few frames past it at most), and cut exactly below.
+                sums = list(itertools.accumulate(map(len, map(_payload_of, entries))))
+                last = bisect_left(range(count), credit, key=lambda i: sums[i] + (i + 1) * least)
+                del entries[last + 1 :]
+                count = len(entries)
+            frames = encode_delivers(q.topic, entries, q.redeliver_upto)
+            total = sum(map(len, frames))
+            if total - len(frames[-1]) >= credit:
+                count = 0
+                for frame in frames:
+                    count += 1
+                    credit -= len(frame)
+                    if credit <= 0:
+                        break
+                del frames[count:]
+            else:
+                credit -= total
+            q.take_many(count)
+            chunks += frames
+            sent += count
         if not chunks:
             return
         data = b"".join(chunks)

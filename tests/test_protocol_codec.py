@@ -43,8 +43,10 @@ from protocol import (
     Subscribe,
     Unregister,
     Unsubscribe,
+    deliver_overhead,
     encode,
     encode_deliver,
+    encode_delivers,
     encode_many,
     encode_map,
 )
@@ -232,6 +234,42 @@ def test_encode_deliver_is_byte_identical(
 ) -> None:
     expected = encode(Deliver(topic=topic, seq=seq, payload=payload, redelivered=redelivered))
     assert encode_deliver(topic, seq, payload, redelivered) == expected
+
+
+# Seqs near each msgpack width step, payloads near each bin width step.
+_seq_starts = st.sampled_from([1, 120, 250, 65530, (1 << 32) - 6, (1 << 64) - 40]) | st.integers(
+    1, (1 << 64) - 40
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    topic=publish_topics,
+    first=_seq_starts,
+    gaps=st.lists(st.integers(1, 3), max_size=12),
+    sizes=st.lists(st.sampled_from([0, 1, 200, 255, 256, 300, 65535, 65536]), min_size=13),
+    redeliver_upto=st.integers(0, 20),
+    data=st.data(),
+)
+def test_encode_delivers_is_encode_deliver_per_frame(
+    topic: str,
+    first: int,
+    gaps: list[int],
+    sizes: list[int],
+    redeliver_upto: int,
+    data: st.DataObject,
+) -> None:
+    seqs = [first]
+    for gap in gaps:
+        seqs.append(seqs[-1] + gap)
+    uniform = data.draw(st.booleans(), label="one payload size")
+    lengths = [sizes[0]] * len(seqs) if uniform else sizes[: len(seqs)]
+    entries = [(seq, bytes(n)) for seq, n in zip(seqs, lengths, strict=True)]
+    upto = first - 1 + redeliver_upto if redeliver_upto else 0
+    frames = encode_delivers(topic, entries, upto)
+    assert frames == [encode_deliver(topic, s, p, s <= upto) for s, p in entries]
+    least, most = deliver_overhead(topic)
+    assert all(least <= len(f) - len(p) <= most for f, (_, p) in zip(frames, entries, strict=True))
 
 
 def test_many_small_frames_in_one_chunk() -> None:

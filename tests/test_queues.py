@@ -63,14 +63,13 @@ class QueueMachine(RuleBasedStateMachine):
         assert self.q is not None
         return self.q
 
-    @rule(payload=payloads, connected=st.booleans())
-    def push(self, payload: bytes, connected: bool) -> None:
+    def _model_push(self, payload: bytes, connected: bool) -> int:
+        """The model's side of one push; returns how many it drops."""
         q = self.queue
         seq = self.next_seq
         self.next_seq += 1
         self.pushed[seq] = payload
         self.held.append(Held(seq, payload))
-        dropped = q.push(payload, connected=connected)
         # The model's own overflow rule: the oldest go, unsent ones first (a sent one has most
         # likely arrived), never the one just pushed.
         expected_drops = 0
@@ -84,14 +83,49 @@ class QueueMachine(RuleBasedStateMachine):
                 self.n_sent -= 1
             self.dropped.add(oldest.seq)
             expected_drops += 1
-        assert dropped == expected_drops
         if connected:
-            self.dropped_live += dropped
+            self.dropped_live += expected_drops
         else:
-            self.dropped_away += dropped
+            self.dropped_away += expected_drops
+        return expected_drops
+
+    @rule(payload=payloads, connected=st.booleans())
+    def push(self, payload: bytes, connected: bool) -> None:
+        q = self.queue
+        seq = self.next_seq
+        dropped = q.push(payload, connected=connected)
+        assert dropped == self._model_push(payload, connected)
         # The newest message is always kept, under the seq it was given in push order.
         assert q.pending and q.pending[-1] == Entry(seq, payload), "newest message dropped"
         assert q.next_seq == self.next_seq
+
+    @rule(batch=st.lists(payloads, min_size=1, max_size=8), connected=st.booleans())
+    def push_many(self, batch: list[bytes], connected: bool) -> None:
+        """The broker's batch path: the same as pushing each in turn, fitting or not."""
+        q = self.queue
+        size = sum(map(len, batch))
+        room_count, room_bytes = q.room()
+        fits = len(batch) <= room_count and size <= room_bytes
+        dropped = q.push_many(batch, size, connected=connected)
+        assert dropped == sum([self._model_push(payload, connected) for payload in batch])
+        if fits:  # a promise that nothing is pushed out
+            assert dropped == 0
+        assert q.next_seq == self.next_seq
+
+    @rule(data=st.data())
+    def take_many(self, data: st.DataObject) -> None:
+        """The broker's batch path: the same as `take` count times."""
+        q = self.queue
+        sendable = min(len(self.held) - self.n_sent, max(0, q.window - self.n_sent))
+        assert q.sendable() == sendable
+        count = data.draw(st.integers(0, sendable), label="count")
+        expected = [Entry(h.seq, h.payload) for h in self.held[self.n_sent : self.n_sent + count]]
+        assert list(q.pending)[:count] == expected
+        for h in self.held[self.n_sent : self.n_sent + count]:
+            assert q.is_redelivery(h.seq) == (h.sends > 0)
+            h.sends += 1
+        q.take_many(count)
+        self.n_sent += count
 
     @rule()
     def take(self) -> None:

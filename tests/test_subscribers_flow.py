@@ -1,0 +1,195 @@
+"""Delivery credit and the delivery window, at the SubscriberManager's batch path.
+
+The manager is driven directly (its `on_receive`, no loop, no sockets); a connection is a ref
+that records what it is told and gives no credit back unless the test does. The broker sends a
+subscriber deliveries while its credit is above zero, one frame at a time in effect: so a flush
+stops at the first frame that uses the credit up (it may overshoot by that one frame), and never
+has more than the window sent and unacked.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from broker.messages import Attach, ConnHandle, Credit, Detach, Outbound, SessionOps
+from broker.subscribers import SubscriberManager, _WaitOver
+from protocol import (
+    BROKER_FRAME_TYPES,
+    NEED_DATA,
+    Ack,
+    Deliver,
+    FrameDecoder,
+    Publish,
+    Subscribe,
+    encode,
+)
+
+TOPIC = "flow/t"
+
+
+class Ref:
+    def __init__(self) -> None:
+        self.told: list[Any] = []
+
+    def tell(self, message: Any) -> None:
+        self.told.append(message)
+
+
+def _deliveries(data: bytes) -> list[tuple[Deliver, int]]:
+    """The deliver frames in `data`, each with its encoded size."""
+    decoder = FrameDecoder(max_frame=1 << 24, accept=BROKER_FRAME_TYPES)
+    decoder.receive_data(data)
+    out = []
+    while (frame := decoder.next_frame()) is not NEED_DATA:
+        if isinstance(frame, Deliver):
+            out.append((frame, len(encode(frame))))
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    high_water=st.sampled_from([1, 40, 120, 500, 4000, 1 << 20]),
+    queue_limit=st.integers(2, 400),
+    sizes=st.lists(st.integers(0, 300), min_size=1, max_size=300),
+    first_seq=st.sampled_from([1, 100, 250, 65500]),  # across the seq's width steps
+    per_batch=st.integers(1, 400),
+)
+@example(high_water=4000, queue_limit=400, sizes=[0] * 300, first_seq=250, per_batch=300)
+@example(high_water=1 << 20, queue_limit=400, sizes=[300] * 300, first_seq=100, per_batch=300)
+def test_credit_and_window_cut_like_one_frame_at_a_time(
+    high_water: int, queue_limit: int, sizes: list[int], first_seq: int, per_batch: int
+) -> None:
+    # A batch that fits the queue is never held back (the queue is drained between batches).
+    per_batch = min(per_batch, queue_limit)
+    sm = SubscriberManager(
+        None, 0, queue_limit=queue_limit, queue_bytes=1 << 30, outbound_high_water=high_water
+    )
+    pub_ref, sub_ref = Ref(), Ref()
+    pub = ConnHandle(1, pub_ref, "p")  # type: ignore[arg-type]
+    sub = ConnHandle(2, sub_ref, "s")  # type: ignore[arg-type]
+    sm.on_receive(Attach("P", "pub", pub, 0, "tp", False, 60, 60))
+    sm.on_receive(Attach("S", "sub", sub, 0, "ts", False, 60, 60))
+    sm._sessions["S"].next_seqs[TOPIC] = first_seq  # as if subscribed before
+    sm.on_receive(SessionOps("S", sub, (Subscribe(req=1, topic=TOPIC),)))
+    q = sm._sessions["S"].queues[TOPIC]
+    window = max(1, queue_limit // 2)
+    payloads = [bytes([i % 256]) * n for i, n in enumerate(sizes)]
+    published: list[bytes] = []
+    received: list[Deliver] = []
+    credit = high_water
+    for start in range(0, len(payloads), per_batch):
+        batch = payloads[start : start + per_batch]
+        sm.on_receive(SessionOps("P", pub, tuple(Publish(topic=TOPIC, payload=p) for p in batch)))
+        published += batch
+        # Let it drain: give credit back and ack, as a subscriber that keeps up would.
+        while True:
+            told, sub_ref.told = sub_ref.told, []
+            outbound = [m for m in told if isinstance(m, Outbound) and m.credit]
+            if not outbound:
+                break
+            for message in outbound:
+                frames = _deliveries(message.data)
+                sizes_sent = [size for _, size in frames]
+                assert message.credit == sum(sizes_sent)
+                # Frames go while credit > 0: all but the last fitted below it.
+                assert sum(sizes_sent[:-1]) < credit
+                credit -= message.credit
+                received += [frame for frame, _ in frames]
+            # ...and stop only there, at the window, or with nothing left to send.
+            assert len(q.unacked) <= window
+            if credit > 0:
+                assert not q.pending or len(q.unacked) == window
+            seq = received[-1].seq
+            sm.on_receive(SessionOps("S", sub, (Ack(topic=TOPIC, seq=seq),)))
+            sm.on_receive(Credit("S", 2, high_water - credit))
+            credit = high_water
+    assert [d.seq for d in received] == list(range(first_seq, first_seq + len(payloads)))
+    assert [d.payload for d in received] == published
+    assert not any(d.redelivered for d in received)
+    assert sm.dropped == 0
+
+
+class FakeLoop:
+    def __init__(self) -> None:
+        self.timers: list[Any] = []
+
+    def call_later(self, delay: float, callback: Any) -> None:
+        self.timers.append(callback)
+
+
+class OneByOne(SubscriberManager):
+    """The reference: every publish of a run checked and queued on its own."""
+
+    def _publish_many(
+        self, topic: str, run: list[Publish], touched: dict[str, Any], *, force: bool
+    ) -> int:
+        for taken, publish in enumerate(run):
+            if not self._publish(topic, publish.payload, touched, force=force):
+                return taken
+        return len(run)
+
+
+def _run_publishes(
+    manager: type[SubscriberManager],
+    sizes: list[int],
+    reqs: list[bool],
+    queue_limit: int,
+    queue_bytes: int,
+) -> tuple[list[Any], list[bytes], list[tuple[int, int]], tuple[int, int]]:
+    """Publish `sizes` in one batch to two connected subscribers and one away, then release
+    the held rest by acks and by the wait running out."""
+    sm = manager(
+        FakeLoop(),
+        0,
+        queue_limit=queue_limit,
+        queue_bytes=queue_bytes,
+        outbound_high_water=1 << 20,
+    )
+    refs = [Ref() for _ in range(4)]
+    conns = [ConnHandle(i, ref, str(i)) for i, ref in enumerate(refs)]  # type: ignore[arg-type]
+    for i, conn in enumerate(conns):
+        sm.on_receive(Attach(f"S{i}", f"c{i}", conn, 0, "t", False, 60, 60))
+        if i:
+            sm.on_receive(SessionOps(f"S{i}", conn, (Subscribe(req=1, topic=TOPIC),)))
+    sm.on_receive(Detach("S3", 3))  # away: its queue drops its oldest instead
+    ops = [
+        Publish(topic=TOPIC, payload=bytes([i % 256]) * n, req=i + 10 if req else None)
+        for i, (n, req) in enumerate(zip(sizes, reqs, strict=True))
+    ]
+    sm.on_receive(SessionOps("S0", conns[0], tuple(ops)))
+    # Subscriber 1 acks what it has, subscriber 2 never does: the wait then runs out.
+    for _ in range(3):
+        delivered = _deliveries(b"".join(m.data for m in refs[1].told if isinstance(m, Outbound)))
+        if delivered:
+            seq = delivered[-1][0].seq
+            sm.on_receive(SessionOps("S1", conns[1], (Ack(topic=TOPIC, seq=seq),)))
+        held = sm._held.get(0)
+        if held is not None:
+            sm.on_receive(_WaitOver(0, held.token))
+    queues = [
+        (len(sm._sessions[f"S{i}"].queues[TOPIC]), sm._sessions[f"S{i}"].queues[TOPIC].bytes)
+        for i in (1, 2, 3)
+    ]
+    streams = [b"".join(m.data for m in ref.told if isinstance(m, Outbound)) for ref in refs]
+    told = [m for m in refs[0].told if not isinstance(m, Outbound)]
+    return [*told, streams[0]], streams[1:], queues, (sm.published, sm.dropped)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 40), min_size=1, max_size=40),
+    data=st.data(),
+    queue_limit=st.integers(1, 30),
+    queue_bytes=st.integers(0, 600),
+)
+def test_a_run_of_publishes_is_taken_as_one_by_one(
+    sizes: list[int], data: st.DataObject, queue_limit: int, queue_bytes: int
+) -> None:
+    """The run-at-a-time path holds back, drops, confirms and delivers exactly as the
+    publish-by-publish path does."""
+    reqs = data.draw(st.lists(st.booleans(), min_size=len(sizes), max_size=len(sizes)))
+    runs = _run_publishes(SubscriberManager, sizes, reqs, queue_limit, queue_bytes)
+    assert runs == _run_publishes(OneByOne, sizes, reqs, queue_limit, queue_bytes)
