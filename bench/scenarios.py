@@ -669,11 +669,17 @@ def _ms(ns: float) -> str:
 def latency(sizes: Sizes, console: Console) -> ScenarioResult:
     res = ScenarioResult("latency")
     with broker_process() as server:
-        run = _latency_run(server, console, "latency", sizes, sizes.latency_s)
+        run = _latency_run(server, console, "latency (tether)", sizes, sizes.latency_s)
+    # The same run through the relay: what the generators, loopback and the machine's
+    # wake-ups cost with no broker logic at all (the floor under Tether's figures).
+    with relay_process() as server:
+        base = _latency_run(server, console, "latency (relay)", sizes, sizes.latency_s)
     lat = sorted(run.lat_ns)
     p50, p99, p999 = (percentile(lat, q) for q in (50, 99, 99.9))
     worst = float(lat[-1]) if lat else math.nan
-    res.problems = run.tally.problems()
+    base_lat = sorted(base.lat_ns)
+    b50, b99 = (percentile(base_lat, q) for q in (50, 99))
+    res.problems = run.tally.problems() + [f"relay: {p}" for p in base.tally.problems()]
     rate = f"{sizes.latency_rate:,} msg/s for {sizes.latency_s:g} s"
     res.rows = [
         Row("latency", f"p50 ({rate})", _ms(p50), "", "", run.server_cpu, run.gen_cpu),
@@ -686,6 +692,8 @@ def latency(sizes: Sizes, console: Console) -> ScenarioResult:
         ),
         Row("latency", "p99.9", _ms(p999)),
         Row("latency", "max", _ms(worst)),
+        Row("latency", "relay p50 (same load)", _ms(b50), "", "", base.server_cpu, base.gen_cpu),
+        Row("latency", "relay p99", _ms(b99)),
     ]
     res.figures = {
         "rate": sizes.latency_rate,
@@ -699,6 +707,8 @@ def latency(sizes: Sizes, console: Console) -> ScenarioResult:
         "server_cpu": round(run.server_cpu, 3),
         "gen_cpu": round(run.gen_cpu, 3),
         "checks": run.tally.to_dict(),
+        "relay_p50_ms": round(b50 / 1e6, 4),
+        "relay_p99_ms": round(b99 / 1e6, 4),
     }
     return res
 
