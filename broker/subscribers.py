@@ -250,18 +250,19 @@ class SubscriberManager(LoopActor):
         if rest is not None:
             self._hold(msg.conn, rest)
         if freed and self._held:
-            self._release_held()
+            self._release_held(freed=freed)
 
-    def _process(self, msg: SessionOps, *, force: bool) -> tuple[SessionOps | None, bool]:
+    def _process(self, msg: SessionOps, *, force: bool) -> tuple[SessionOps | None, set[str]]:
         """Handle a batch in order. Returns the ops not taken, from the first publish that did
-        not fit a live subscriber's queue (None when all were), and whether acks made room."""
+        not fit a live subscriber's queue (None when all were), and the topics whose queues
+        acks or unsubscribes made room in."""
         subs = self._sessions.get(msg.session_id)
         current = (
             subs is not None and subs.conn is not None and subs.conn.conn_id == msg.conn.conn_id
         )
         replies: list[bytes] = []
         touched: dict[str, SessionSubs] = {}
-        freed = False
+        freed: set[str] = set()
         rest: SessionOps | None = None
         close = msg.close
         ops = msg.ops
@@ -300,7 +301,7 @@ class SubscriberManager(LoopActor):
                     if q is not None and q.ack(seq):
                         # The delivery window and the queue have room again.
                         touched[msg.session_id] = subs
-                        freed = True
+                        freed.add(topic)
                 case Subscribe(req=req, topic=topic):
                     if topic not in subs.queues:
                         q = SubscriptionQueue(
@@ -317,7 +318,7 @@ class SubscriberManager(LoopActor):
                     if q is not None:
                         subs.next_seqs[topic] = q.next_seq
                         self._remove_from_topic(topic, msg.session_id)
-                        freed = True
+                        freed.add(topic)
                     replies.append(encode(Ok(req=req)))
                 case Ping(req=req):
                     replies.append(encode(Pong(req=req)))
@@ -361,7 +362,12 @@ class SubscriberManager(LoopActor):
         ref, over = self.actor_ref, _WaitOver(held.conn.conn_id, held.token)
         self.loop.call_later(self._publish_wait, lambda: tell(ref, over))
 
-    def _release_held(self, only: int | None = None, *, force: bool = False) -> None:
+    def _release_held(
+        self, only: int | None = None, *, force: bool = False, freed: set[str] | None = None
+    ) -> None:
+        """Try the held batches again, in turn. `freed`: the topics whose subscribers just
+        made room: publishers waiting on them count that as progress even when others took
+        the room first (the wait is for a stuck subscriber, not for a turn)."""
         for conn_id in [only] if only is not None else list(self._held):
             held = self._held.get(conn_id)
             if held is None:
@@ -382,6 +388,8 @@ class SubscriberManager(LoopActor):
                 # Round robin: whoever got room goes to the back of the line.
                 del self._held[conn_id]
                 self._held[conn_id] = held
+                self._arm_wait(held)
+            elif freed and _blocked_topic(held) in freed:
                 self._arm_wait(held)
 
     def _publish(
@@ -514,3 +522,9 @@ class SubscriberManager(LoopActor):
         subs.credit = credit
         self.delivered += sent
         tell(conn.ref, Outbound(data, credit=used))
+
+
+def _blocked_topic(held: _Held) -> str | None:
+    """The topic of the publish a held connection waits with (its first op not taken)."""
+    first = held.batches[0].ops[0] if held.batches and held.batches[0].ops else None
+    return first.topic if type(first) is Publish else None

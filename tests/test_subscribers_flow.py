@@ -193,3 +193,39 @@ def test_a_run_of_publishes_is_taken_as_one_by_one(
     reqs = data.draw(st.lists(st.booleans(), min_size=len(sizes), max_size=len(sizes)))
     runs = _run_publishes(SubscriberManager, sizes, reqs, queue_limit, queue_bytes)
     assert runs == _run_publishes(OneByOne, sizes, reqs, queue_limit, queue_bytes)
+
+
+def test_a_held_publisher_waits_while_its_subscriber_makes_progress() -> None:
+    """The publish wait counts time without progress of the subscriber holding a publisher
+    back, not time without a turn: with many publishers held by one slow but moving
+    subscriber, each ack renews the wait of all of them (else those at the back of the line
+    would be forced and the subscriber would lose messages for being merely slow). A
+    publisher held by another topic's subscriber keeps its wait."""
+    sm = SubscriberManager(
+        FakeLoop(), 0, queue_limit=2, queue_bytes=1 << 20, outbound_high_water=1 << 20
+    )
+    refs = [Ref() for _ in range(5)]
+    sub, p1, p2, p3, q = (ConnHandle(i, ref, str(i)) for i, ref in enumerate(refs))  # type: ignore[arg-type]
+    for i, conn in enumerate((sub, p1, p2, p3, q)):
+        sm.on_receive(Attach(f"S{i}", f"c{i}", conn, 0, "t", False, 60, 60))
+    sm.on_receive(SessionOps("S0", sub, (Subscribe(req=1, topic="a"), Subscribe(req=2, topic="b"))))
+
+    def publish(session: str, conn: ConnHandle, topic: str, n: int) -> None:
+        ops = tuple(Publish(topic=topic, payload=b"x") for _ in range(n))
+        sm.on_receive(SessionOps(session, conn, ops))
+
+    publish("S1", p1, "a", 2)  # fills "a": one sent (the window), one waiting
+    publish("S2", p2, "a", 1)
+    publish("S3", p3, "a", 1)
+    publish("S4", q, "b", 3)  # fills "b", its third held
+    assert set(sm._held) == {2, 3, 4}
+    tokens = {conn_id: held.token for conn_id, held in sm._held.items()}
+
+    sm.on_receive(SessionOps("S0", sub, (Ack(topic="a", seq=1),)))  # room for one on "a"
+    assert set(sm._held) == {3, 4}  # p2 took it; p3 still waits, behind
+    assert sm._held[3].token != tokens[3]  # ... with its wait renewed
+    assert sm._held[4].token == tokens[4]  # "b" made no progress
+    sm.on_receive(_WaitOver(3, tokens[3]))  # the old wait running out changes nothing
+    assert 3 in sm._held and sm.dropped == 0
+    sm.on_receive(_WaitOver(4, tokens[4]))  # "b"'s subscriber is stuck: forced
+    assert 4 not in sm._held and sm.dropped == 1
