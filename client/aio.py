@@ -21,11 +21,11 @@ from typing import Any
 
 from . import events as ev
 from .errors import ClientClosed, ConnectionFailed, Rejected, TetherError, Timeout
-from .log import get_logger
-from .machine import ClientMachine, Phase
+from .frontend import FrontEnd
+from .machine import Phase
 from .options import ClientOptions, Health
 from .router import Router
-from .state import load_state, save_state
+from .state import save_state
 
 __all__ = ["AsyncClient", "AsyncSubscription"]
 
@@ -102,23 +102,13 @@ class _Cancel:
     topic: str
 
 
-class AsyncClient:
+class AsyncClient(FrontEnd):
     """An asyncio Tether client: `async with AsyncClient(client_id=..., ...) as c: ...`."""
 
+    _ended: asyncio.Event
+
     def __init__(self, options: ClientOptions | None = None, /, **overrides: Any) -> None:
-        if options is None:
-            options = ClientOptions(**overrides)
-        elif overrides:
-            options = dataclasses.replace(options, **overrides)
-        self.options = options
-        state = (
-            load_state(options.state_file, options.client_id)
-            if options.state_file is not None
-            else None
-        )
-        self._machine = ClientMachine(options.machine_config(), state)
-        self._backoff = options.backoff
-        self._log = get_logger(client_id=options.client_id)
+        super().__init__(options, **overrides)
         self._waiters: dict[int, asyncio.Future[None]] = {}
         self._router: Router[AsyncSubscription] = Router()
         self._inbox: asyncio.Queue[Any] = asyncio.Queue()
@@ -128,15 +118,10 @@ class AsyncClient:
         self._ended = asyncio.Event()
         self._stop = asyncio.Event()
         self._changed = asyncio.Event()  # set whenever buffered bytes may have gone down
-        self._end_error: TetherError | None = None
-        self._last_error: BaseException | None = None
         self._drop_connection = False
-        self._ping: tuple[int, float] | None = None
         self._state_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
-        self._close_started = False
         self._close_done = asyncio.Event()
-        self._in_handler: ev.Message | None = None  # the message a handler is running for
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -271,28 +256,7 @@ class AsyncClient:
         if req is not None:
             await self._wait(self._future(req), req, f"publish to {topic!r}")
 
-    @property
-    def session_id(self) -> str | None:
-        return self._machine.session_id
-
-    @property
-    def connected(self) -> bool:
-        return self._machine.phase is Phase.READY
-
-    @property
-    def closed(self) -> bool:
-        return self._close_started or self._ended.is_set()
-
-    @property
-    def error(self) -> TetherError | None:
-        """Why the client stopped by itself (taken over, auth failed, ...), else None."""
-        return self._end_error
-
     # --- internals: requests and writing -------------------------------------------------
-
-    def _check_usable(self) -> None:
-        if self._machine.closed or self._close_started:
-            raise self._end_error or ClientClosed()
 
     def _buffered(self) -> int:
         writer = self._writer

@@ -26,11 +26,11 @@ from typing import Any
 
 from . import events as ev
 from .errors import ClientClosed, ConnectionFailed, Rejected, TetherError, Timeout
-from .log import get_logger
-from .machine import ClientMachine, Phase
+from .frontend import FrontEnd
+from .machine import Phase
 from .options import ClientOptions, read_health
 from .router import Router
-from .state import load_state, save_state
+from .state import save_state
 
 __all__ = ["Client", "Subscription"]
 
@@ -115,24 +115,14 @@ class _Waiter:
         self.error: TetherError | None = None
 
 
-class Client:
+class Client(FrontEnd):
     """A blocking Tether client. `Client(options)` or `Client(client_id=..., ...)`; use it as
     a context manager, or call `connect()` and `close()`."""
 
+    _ended: threading.Event
+
     def __init__(self, options: ClientOptions | None = None, /, **overrides: Any) -> None:
-        if options is None:
-            options = ClientOptions(**overrides)
-        elif overrides:
-            options = dataclasses.replace(options, **overrides)
-        self.options = options
-        state = (
-            load_state(options.state_file, options.client_id)
-            if options.state_file is not None
-            else None
-        )
-        self._machine = ClientMachine(options.machine_config(), state)
-        self._backoff = options.backoff
-        self._log = get_logger(client_id=options.client_id)
+        super().__init__(options, **overrides)
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._state_lock = threading.Lock()
@@ -143,14 +133,9 @@ class Client:
         self._drop_connection = False
         self._registered = threading.Event()
         self._ended = threading.Event()  # the machine is closed: no more connections
-        self._end_error: TetherError | None = None
-        self._last_error: BaseException | None = None
-        self._ping: tuple[int, float] | None = None  # unanswered ping: (req, sent at)
         self._next_ping = 0.0
         self._stopping = False
-        self._close_started = False
         self._close_done = threading.Event()
-        self._in_handler: ev.Message | None = None  # the message a handler is running for
         self._threads: list[threading.Thread] = []
 
     # --- lifecycle -----------------------------------------------------------------------
@@ -299,31 +284,7 @@ class Client:
         if waiter is not None and req is not None:
             self._wait(waiter, req, f"publish to {topic!r}")
 
-    # --- state ---------------------------------------------------------------------------
-
-    @property
-    def session_id(self) -> str | None:
-        return self._machine.session_id
-
-    @property
-    def connected(self) -> bool:
-        """True while a connection holds the session."""
-        return self._machine.phase is Phase.READY
-
-    @property
-    def closed(self) -> bool:
-        return self._close_started or self._ended.is_set()
-
-    @property
-    def error(self) -> TetherError | None:
-        """Why the client stopped by itself (taken over, auth failed, ...), else None."""
-        return self._end_error
-
     # --- internals: requests -------------------------------------------------------------
-
-    def _check_usable(self) -> None:
-        if self._machine.closed or self._close_started:
-            raise self._end_error or ClientClosed()
 
     def _waiter(self, req: int) -> _Waiter:
         waiter = _Waiter()
