@@ -105,6 +105,7 @@ class _Cancel:
 class AsyncClient(FrontEnd):
     """An asyncio Tether client: `async with AsyncClient(client_id=..., ...) as c: ...`."""
 
+    _registered: asyncio.Event
     _ended: asyncio.Event
 
     def __init__(self, options: ClientOptions | None = None, /, **overrides: Any) -> None:
@@ -118,7 +119,6 @@ class AsyncClient(FrontEnd):
         self._ended = asyncio.Event()
         self._stop = asyncio.Event()
         self._changed = asyncio.Event()  # set whenever buffered bytes may have gone down
-        self._drop_connection = False
         self._state_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self._close_done = asyncio.Event()
@@ -297,44 +297,19 @@ class AsyncClient(FrontEnd):
 
     # --- internals: events ---------------------------------------------------------------
 
-    def _on_events(self, events: list[ev.Event]) -> None:
-        for event in events:
-            if isinstance(event, ev.Message):
-                self._inbox.put_nowait(event)
-            elif isinstance(event, ev.RequestDone | ev.RequestFailed):
-                if self._ping is not None and self._ping[0] == event.req:
-                    self._ping = None
-                future = self._waiters.pop(event.req, None)
-                if future is not None and not future.done():
-                    if isinstance(event, ev.RequestFailed):
-                        future.set_exception(event.error)
-                    else:
-                        future.set_result(None)
-            elif isinstance(event, ev.Registered):
-                self._ping = None
-                self._log.info(
-                    "registered",
-                    session_id=event.session_id,
-                    resumed=event.resumed,
-                    queued=event.queued,
-                    dropped=event.dropped,
-                )
-                self._registered.set()
-                self._inbox.put_nowait(event)
-            elif isinstance(event, ev.Disconnect):
-                self._log.warning("dropping_connection", reason=event.reason)
-                self._drop_connection = True
-            elif isinstance(event, ev.Closed):
-                self._end_error = event.error
-                self._ended.set()
-                self._changed.set()
-                if event.error is not None:
-                    # Before the first session, connect() raises it: no need to shout twice.
-                    log = self._log.error if self._registered.is_set() else self._log.info
-                    log("stopped", error=str(event.error))
-                    self._inbox.put_nowait(event)
+    def _to_dispatcher(self, item: object) -> None:
+        self._inbox.put_nowait(item)
+
+    def _settle(self, req: int, error: TetherError | None) -> None:
+        future = self._waiters.pop(req, None)
+        if future is not None and not future.done():
+            if error is not None:
+                future.set_exception(error)
             else:
-                self._inbox.put_nowait(event)
+                future.set_result(None)
+
+    def _wake(self) -> None:
+        self._changed.set()
 
     # --- internals: the connection task --------------------------------------------------
 

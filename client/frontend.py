@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Protocol
 
+from . import events as ev
 from .errors import ClientClosed, TetherError
 from .events import Message
 from .log import get_logger
@@ -19,11 +20,15 @@ __all__ = ["FrontEnd"]
 class _Flag(Protocol):
     def is_set(self) -> bool: ...
 
+    def set(self) -> None: ...
+
 
 class FrontEnd:
-    """Base of `Client` and `AsyncClient`. Subclasses set `_ended` (a threading or asyncio
-    event: the machine is closed, no more connections) before use."""
+    """Base of `Client` and `AsyncClient`. Subclasses set `_registered` and `_ended`
+    (threading or asyncio events: a session was had; the machine is closed, no more
+    connections) and provide the hooks below."""
 
+    _registered: _Flag
     _ended: _Flag
 
     def __init__(self, options: ClientOptions | None = None, /, **overrides: Any) -> None:
@@ -44,6 +49,7 @@ class FrontEnd:
         self._last_error: BaseException | None = None
         self._ping: tuple[int, float] | None = None  # unanswered ping: (req, sent at)
         self._close_started = False
+        self._drop_connection = False  # the machine asked for a new connection
         self._in_handler: Message | None = None  # the message a handler is running for
 
     @property
@@ -67,3 +73,57 @@ class FrontEnd:
     def _check_usable(self) -> None:
         if self._machine.closed or self._close_started:
             raise self._end_error or ClientClosed()
+
+    # --- the machine's events (no application code runs here) ---------------------------
+
+    def _on_events(self, events: list[ev.Event]) -> None:
+        for event in events:
+            if isinstance(event, ev.Message):
+                self._to_dispatcher(event)
+            elif isinstance(event, ev.RequestDone | ev.RequestFailed):
+                if self._ping is not None and self._ping[0] == event.req:
+                    self._ping = None
+                self._settle(
+                    event.req, event.error if isinstance(event, ev.RequestFailed) else None
+                )
+            elif isinstance(event, ev.Registered):
+                self._ping = None
+                self._on_registered()
+                self._log.info(
+                    "registered",
+                    session_id=event.session_id,
+                    resumed=event.resumed,
+                    queued=event.queued,
+                    dropped=event.dropped,
+                )
+                self._registered.set()
+                self._to_dispatcher(event)
+            elif isinstance(event, ev.Disconnect):
+                self._log.warning("dropping_connection", reason=event.reason)
+                self._drop_connection = True
+            elif isinstance(event, ev.Closed):
+                self._end_error = event.error
+                self._ended.set()
+                self._wake()
+                if event.error is not None:
+                    # Before the first session, connect() raises it: no need to shout twice.
+                    log = self._log.error if self._registered.is_set() else self._log.info
+                    log("stopped", error=str(event.error))
+                    self._to_dispatcher(event)
+            else:  # Dropped, SessionLost, TakenOver, BrokerError: for the dispatcher
+                self._to_dispatcher(event)
+
+    def _to_dispatcher(self, item: object) -> None:
+        """Queue `item` for the dispatcher, which runs application code in order."""
+        raise NotImplementedError
+
+    def _settle(self, req: int, error: TetherError | None) -> None:
+        """Wake whoever waits for request `req`: done, or failed with `error`."""
+        raise NotImplementedError
+
+    def _wake(self) -> None:
+        """The client ended: wake whatever waits for buffer room or a connection."""
+        raise NotImplementedError
+
+    def _on_registered(self) -> None:
+        """A connection holds the session now."""

@@ -119,6 +119,7 @@ class Client(FrontEnd):
     """A blocking Tether client. `Client(options)` or `Client(client_id=..., ...)`; use it as
     a context manager, or call `connect()` and `close()`."""
 
+    _registered: threading.Event
     _ended: threading.Event
 
     def __init__(self, options: ClientOptions | None = None, /, **overrides: Any) -> None:
@@ -130,7 +131,6 @@ class Client(FrontEnd):
         self._router: Router[Subscription] = Router()
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._sock: socket.socket | None = None
-        self._drop_connection = False
         self._registered = threading.Event()
         self._ended = threading.Event()  # the machine is closed: no more connections
         self._next_ping = 0.0
@@ -308,44 +308,20 @@ class Client(FrontEnd):
 
     # --- internals: events (called with the lock held; no application code here) --------
 
-    def _on_events(self, events: list[ev.Event]) -> None:
-        for event in events:
-            if isinstance(event, ev.Message):
-                self._inbox.put(event)
-            elif isinstance(event, ev.RequestDone | ev.RequestFailed):
-                if self._ping is not None and self._ping[0] == event.req:
-                    self._ping = None
-                waiter = self._waiters.pop(event.req, None)
-                if waiter is not None:
-                    if isinstance(event, ev.RequestFailed):
-                        waiter.error = event.error
-                    waiter.done.set()
-            elif isinstance(event, ev.Registered):
-                self._next_ping = time.monotonic() + self._machine.keepalive
-                self._ping = None
-                self._log.info(
-                    "registered",
-                    session_id=event.session_id,
-                    resumed=event.resumed,
-                    queued=event.queued,
-                    dropped=event.dropped,
-                )
-                self._registered.set()
-                self._inbox.put(event)
-            elif isinstance(event, ev.Disconnect):
-                self._log.warning("dropping_connection", reason=event.reason)
-                self._drop_connection = True
-            elif isinstance(event, ev.Closed):
-                self._end_error = event.error
-                self._ended.set()
-                self._cond.notify_all()
-                if event.error is not None:
-                    # Before the first session, connect() raises it: no need to shout twice.
-                    log = self._log.error if self._registered.is_set() else self._log.info
-                    log("stopped", error=str(event.error))
-                    self._inbox.put(event)
-            else:  # Dropped, SessionLost, TakenOver, BrokerError: for the dispatcher
-                self._inbox.put(event)
+    def _to_dispatcher(self, item: object) -> None:
+        self._inbox.put(item)
+
+    def _settle(self, req: int, error: TetherError | None) -> None:
+        waiter = self._waiters.pop(req, None)
+        if waiter is not None:
+            waiter.error = error
+            waiter.done.set()
+
+    def _wake(self) -> None:
+        self._cond.notify_all()
+
+    def _on_registered(self) -> None:
+        self._next_ping = time.monotonic() + self._machine.keepalive
 
     # --- internals: the reader -----------------------------------------------------------
 
