@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import inspect
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from . import events as ev
-from .errors import ClientClosed, ConnectionFailed, Rejected, TetherError, Timeout
-from .frontend import FrontEnd
+from .errors import ClientClosed, ConnectionFailed, TetherError, Timeout
+from .frontend import END, STOP, Cancel, Claim, FrontEnd, SubscriptionBase
 from .machine import Phase
 from .options import ClientOptions, Health
 from .router import Router
@@ -32,8 +31,6 @@ __all__ = ["AsyncClient", "AsyncSubscription"]
 AsyncHandler = Callable[[ev.Message], Any]  # may return an awaitable
 
 _READ_SIZE = 256 * 1024
-_END = object()
-_STOP = object()
 
 
 async def _call(func: Callable[..., Any], *args: Any) -> Any:
@@ -43,17 +40,14 @@ async def _call(func: Callable[..., Any], *args: Any) -> Any:
     return result
 
 
-class AsyncSubscription:
+class AsyncSubscription(SubscriptionBase):
     """One topic of an `AsyncClient`. Without a handler, `async for` over it: each message
     is acked when the loop asks for the next one."""
 
     def __init__(self, client: AsyncClient, topic: str, handler: AsyncHandler | None) -> None:
+        super().__init__(topic, handler)
         self.client = client
-        self.topic = topic
-        self.handler = handler
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
-        self._current: ev.Message | None = None
-        self._ended = False
 
     def __aiter__(self) -> AsyncIterator[ev.Message]:
         return self
@@ -66,40 +60,19 @@ class AsyncSubscription:
 
     async def get(self, timeout: float | None = None) -> ev.Message | None:
         """The next message (acking the previous one), or None once unsubscribed or closed."""
-        if self.handler is not None:
-            raise TypeError(f"the subscription to {self.topic!r} has a handler: not iterable")
+        self._check_iterable()
         if self._current is not None:
             previous, self._current = self._current, None
             await self.client._handled([previous])
         if self._ended:
             return None
         try:
-            item = await asyncio.wait_for(self._queue.get(), timeout)
+            return self._take(await asyncio.wait_for(self._queue.get(), timeout))
         except TimeoutError:
-            raise Timeout(
-                f"no message on {self.topic!r} within {timeout} s: wait longer, or check "
-                "that something publishes to it"
-            ) from None
-        if item is _END:
-            self._ended = True
-            return None
-        message: ev.Message = item
-        self._current = message
-        return message
+            raise self._no_message(timeout) from None
 
     async def unsubscribe(self, *, wait: bool = True) -> None:
         await self.client.unsubscribe(self.topic, wait=wait)
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Claim:
-    topic: str
-    sub: AsyncSubscription
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Cancel:
-    topic: str
 
 
 class AsyncClient(FrontEnd):
@@ -192,7 +165,7 @@ class AsyncClient(FrontEnd):
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(writer.drain(), 5.0)
             writer.close()
-        self._inbox.put_nowait(_STOP)
+        self._inbox.put_nowait(STOP)
         others = [t for t in self._tasks if t is not me]
         for task in others:
             if task.get_name() != "tether-dispatch":
@@ -220,7 +193,7 @@ class AsyncClient(FrontEnd):
         sub = AsyncSubscription(self, topic, handler)
         req = self._machine.subscribe(topic)
         future = self._future(req) if wait else None
-        self._inbox.put_nowait(_Claim(topic, sub))
+        self._inbox.put_nowait(Claim(topic, sub))
         self._schedule_flush()
         if future is not None:
             await self._wait(future, req, f"subscribe to {topic!r}")
@@ -230,7 +203,7 @@ class AsyncClient(FrontEnd):
         self._check_usable()
         req = self._machine.unsubscribe(topic)
         future = self._future(req) if wait else None
-        self._inbox.put_nowait(_Cancel(topic))
+        self._inbox.put_nowait(Cancel(topic))
         self._schedule_flush()
         if future is not None:
             await self._wait(future, req, f"unsubscribe from {topic!r}")
@@ -417,7 +390,7 @@ class AsyncClient(FrontEnd):
                 batch.append(inbox.get_nowait())
             done: list[ev.Message] = []
             for item in batch:
-                if item is _STOP:
+                if item is STOP:
                     await self._handled(done)
                     return
                 await self._dispatch(item, done)
@@ -430,30 +403,21 @@ class AsyncClient(FrontEnd):
                 await self._deliver(sub, item, done)
             elif drop:
                 done.append(item)
-        elif isinstance(item, _Claim):
+        elif isinstance(item, Claim):
             old = self._router.get(item.topic)
             held = self._router.add(item.topic, item.sub)
             if old is not None and old is not item.sub:
-                old._queue.put_nowait(_END)
+                old._queue.put_nowait(END)
             for message in held:
                 await self._deliver(item.sub, message, done)
-        elif isinstance(item, _Cancel):
+        elif isinstance(item, Cancel):
             old = self._router.remove(item.topic)
             if old is not None:
-                old._queue.put_nowait(_END)
+                old._queue.put_nowait(END)
         elif isinstance(item, ev.Registered):
             await self._save_state()
-        elif isinstance(item, ev.Dropped):
-            self._log.warning("messages_dropped", topic=item.topic, count=item.count)
-            await self._callback(self.options.on_dropped, item)
-        elif isinstance(item, ev.SessionLost):
-            self._log.warning("session_lost", error=str(item.error))
-            await self._callback(self.options.on_session_lost, item.error)
-        elif isinstance(item, ev.TakenOver):
-            await self._callback(self.options.on_taken_over, item.error)
-        elif isinstance(item, ev.BrokerError):
-            self._log.warning("broker_error", code=item.code, message=item.message)
-            await self._callback(self.options.on_error, Rejected(item.code, item.message))
+        elif (notice := self._notice(item)) is not None:
+            await self._callback(*notice)
         elif isinstance(item, ev.Closed):
             self._end_subscriptions()
 
@@ -484,7 +448,7 @@ class AsyncClient(FrontEnd):
 
     def _end_subscriptions(self) -> None:
         for sub in self._router.subscriptions():
-            sub._queue.put_nowait(_END)
+            sub._queue.put_nowait(END)
 
     async def _handled(self, messages: list[ev.Message]) -> None:
         for message in messages:

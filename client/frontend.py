@@ -4,17 +4,64 @@ and the read-only view of where the client stands. Neither does I/O here."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from . import events as ev
-from .errors import ClientClosed, TetherError
+from .errors import ClientClosed, Rejected, TetherError, Timeout
 from .events import Message
 from .log import get_logger
 from .machine import ClientMachine, Phase
 from .options import ClientOptions
 from .state import load_state
 
-__all__ = ["FrontEnd"]
+__all__ = ["END", "STOP", "Cancel", "Claim", "FrontEnd", "SubscriptionBase"]
+
+END = object()  # ends a subscription's iterator
+STOP = object()  # ends the dispatcher
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Claim:
+    """For the dispatcher, in turn with the messages: `sub` now takes `topic`'s messages (so
+    those held for the topic are handed over before any newer one)."""
+
+    topic: str
+    sub: Any
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Cancel:
+    topic: str
+
+
+class SubscriptionBase:
+    """What a `Subscription` and an `AsyncSubscription` share; each adds its own queue."""
+
+    def __init__(self, topic: str, handler: Callable[[Message], Any] | None) -> None:
+        self.topic = topic
+        self.handler = handler
+        self._current: Message | None = None  # handed out, acked when the next is asked for
+        self._ended = False
+
+    def _check_iterable(self) -> None:
+        if self.handler is not None:
+            raise TypeError(f"the subscription to {self.topic!r} has a handler: not iterable")
+
+    def _no_message(self, timeout: float | None) -> Timeout:
+        return Timeout(
+            f"no message on {self.topic!r} within {timeout} s: wait longer, or check "
+            "that something publishes to it"
+        )
+
+    def _take(self, item: Any) -> Message | None:
+        """What `get()` returns for an item from the queue: the message, or None at the end."""
+        if item is END:
+            self._ended = True
+            return None
+        message: Message = item
+        self._current = message
+        return message
 
 
 class _Flag(Protocol):
@@ -112,6 +159,23 @@ class FrontEnd:
                     self._to_dispatcher(event)
             else:  # Dropped, SessionLost, TakenOver, BrokerError: for the dispatcher
                 self._to_dispatcher(event)
+
+    def _notice(self, item: object) -> tuple[Callable[[Any], Any] | None, object] | None:
+        """For the dispatcher: log an event the application hears of, and return the
+        callback to run with its argument (None when `item` is no such event)."""
+        o = self.options
+        if isinstance(item, ev.Dropped):
+            self._log.warning("messages_dropped", topic=item.topic, count=item.count)
+            return o.on_dropped, item
+        if isinstance(item, ev.SessionLost):
+            self._log.warning("session_lost", error=str(item.error))
+            return o.on_session_lost, item.error
+        if isinstance(item, ev.TakenOver):
+            return o.on_taken_over, item.error
+        if isinstance(item, ev.BrokerError):
+            self._log.warning("broker_error", code=item.code, message=item.message)
+            return o.on_error, Rejected(item.code, item.message)
+        return None
 
     def _to_dispatcher(self, item: object) -> None:
         """Queue `item` for the dispatcher, which runs application code in order."""

@@ -16,7 +16,6 @@ The machine is only touched under `self._lock`; no application code runs under i
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import queue
 import socket
 import threading
@@ -25,8 +24,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from . import events as ev
-from .errors import ClientClosed, ConnectionFailed, Rejected, TetherError, Timeout
-from .frontend import FrontEnd
+from .errors import ClientClosed, ConnectionFailed, TetherError, Timeout
+from .frontend import END, STOP, Cancel, Claim, FrontEnd, SubscriptionBase
 from .machine import Phase
 from .options import ClientOptions, read_health
 from .router import Router
@@ -37,21 +36,16 @@ __all__ = ["Client", "Subscription"]
 Handler = Callable[[ev.Message], Any]
 
 _READ_SIZE = 256 * 1024
-_END = object()  # ends a Subscription's iterator
-_STOP = object()  # ends the dispatcher
 
 
-class Subscription:
+class Subscription(SubscriptionBase):
     """One topic of a `Client`. Without a handler, iterate over it to get the messages: each
     one is acked when the loop asks for the next (so the loop body is the handler)."""
 
     def __init__(self, client: Client, topic: str, handler: Handler | None) -> None:
+        super().__init__(topic, handler)
         self.client = client
-        self.topic = topic
-        self.handler = handler
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._current: ev.Message | None = None
-        self._ended = False
 
     def __iter__(self) -> Iterator[ev.Message]:
         return self
@@ -65,24 +59,14 @@ class Subscription:
     def get(self, timeout: float | None = None) -> ev.Message | None:
         """The next message (acking the previous one), or None once unsubscribed or closed.
         Raises `Timeout` when none came within `timeout` seconds."""
-        if self.handler is not None:
-            raise TypeError(f"the subscription to {self.topic!r} has a handler: not iterable")
+        self._check_iterable()
         self._settle()
         if self._ended:
             return None
         try:
-            item = self._queue.get(timeout=timeout)
+            return self._take(self._queue.get(timeout=timeout))
         except queue.Empty:
-            raise Timeout(
-                f"no message on {self.topic!r} within {timeout} s: wait longer, or check "
-                "that something publishes to it"
-            ) from None
-        if item is _END:
-            self._ended = True
-            return None
-        message: ev.Message = item
-        self._current = message
-        return message
+            raise self._no_message(timeout) from None
 
     def unsubscribe(self, *, wait: bool = True) -> None:
         self.client.unsubscribe(self.topic, wait=wait)
@@ -94,17 +78,6 @@ class Subscription:
 
     def _push(self, item: Any) -> None:
         self._queue.put(item)
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Claim:
-    topic: str
-    sub: Subscription
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Cancel:
-    topic: str
 
 
 class _Waiter:
@@ -210,7 +183,7 @@ class Client(FrontEnd):
             if writer is not None and writer is not me:
                 writer.join(5.0)  # it sends the last acks first
             self._shutdown_socket()
-            self._inbox.put(_STOP)
+            self._inbox.put(STOP)
             for thread in self._threads:
                 if thread is not me:
                     thread.join(5.0)
@@ -245,7 +218,7 @@ class Client(FrontEnd):
             waiter = self._waiter(req) if wait else None
             # Routed by the dispatcher, in turn with the messages, so that messages held
             # for this topic are handed over before any newer one.
-            self._inbox.put(_Claim(topic, sub))
+            self._inbox.put(Claim(topic, sub))
             self._cond.notify_all()
         if waiter is not None:
             self._wait(waiter, req, f"subscribe to {topic!r}")
@@ -256,7 +229,7 @@ class Client(FrontEnd):
             self._check_usable()
             req = self._machine.unsubscribe(topic)
             waiter = self._waiter(req) if wait else None
-            self._inbox.put(_Cancel(topic))
+            self._inbox.put(Cancel(topic))
             self._cond.notify_all()
         if waiter is not None:
             self._wait(waiter, req, f"unsubscribe from {topic!r}")
@@ -469,7 +442,7 @@ class Client(FrontEnd):
                     break
             done: list[ev.Message] = []
             for item in batch:
-                if item is _STOP:
+                if item is STOP:
                     self._handled(done)
                     return
                 self._dispatch(item, done)
@@ -484,30 +457,21 @@ class Client(FrontEnd):
                 done.append(item)
         elif isinstance(item, ev.Registered):
             self._save_state()
-        elif isinstance(item, ev.Dropped):
-            self._log.warning("messages_dropped", topic=item.topic, count=item.count)
-            self._callback(self.options.on_dropped, item)
-        elif isinstance(item, ev.SessionLost):
-            self._log.warning("session_lost", error=str(item.error))
-            self._callback(self.options.on_session_lost, item.error)
-        elif isinstance(item, ev.TakenOver):
-            self._callback(self.options.on_taken_over, item.error)
-        elif isinstance(item, ev.BrokerError):
-            self._log.warning("broker_error", code=item.code, message=item.message)
-            self._callback(self.options.on_error, Rejected(item.code, item.message))
-        elif isinstance(item, _Claim):
+        elif (notice := self._notice(item)) is not None:
+            self._callback(*notice)
+        elif isinstance(item, Claim):
             with self._lock:
                 old = self._router.get(item.topic)
                 held = self._router.add(item.topic, item.sub)
             if old is not None and old is not item.sub:
-                old._push(_END)
+                old._push(END)
             for message in held:
                 self._deliver(item.sub, message, done)
-        elif isinstance(item, _Cancel):
+        elif isinstance(item, Cancel):
             with self._lock:
                 old = self._router.remove(item.topic)
             if old is not None:
-                old._push(_END)
+                old._push(END)
         elif isinstance(item, ev.Closed):
             self._end_subscriptions()
 
@@ -515,7 +479,7 @@ class Client(FrontEnd):
         with self._lock:
             subs = self._router.subscriptions()
         for sub in subs:
-            sub._push(_END)
+            sub._push(END)
 
     def _deliver(self, sub: Subscription, message: ev.Message, done: list[ev.Message]) -> None:
         if self._close_started:
