@@ -17,7 +17,7 @@ from typing import Any
 import msgpack
 
 from bench.harness import CLIENT_MAX_FRAME, BenchError
-from protocol import BROKER_FRAME_TYPES, MAX_TOPIC_CHARS, BrokerFrame, from_wire
+from tether.protocol import BROKER_FRAME_TYPES, MAX_TOPIC_CHARS, BrokerFrame, from_wire
 
 _LENGTH = struct.Struct(">I").unpack_from
 

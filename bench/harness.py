@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from protocol import (
+from tether.protocol import (
     BROKER_FRAME_TYPES,
     DEFAULT_MAX_FRAME,
     DELIVER_HEADROOM,
@@ -150,7 +150,7 @@ def broker_process(*extra: str, burst_cost: int | None = None) -> Iterator[Serve
     The users file holds the bench user (cost BENCH_COST) and, with `burst_cost`, the burst
     user (at that cost) for fresh registrations that cost what they cost in production.
     """
-    from broker.users import add_user
+    from tether.broker.users import add_user
 
     with tempfile.TemporaryDirectory(prefix="tether-bench-") as tmp_name:
         tmp = Path(tmp_name)
@@ -160,7 +160,7 @@ def broker_process(*extra: str, burst_cost: int | None = None) -> Iterator[Serve
             add_user(users, BURST_USER, BURST_PASSWORD, cost=burst_cost)
         port = free_port()
         cmd = [
-            *(sys.executable, "-m", "broker", "serve", "--host", HOST, "--port", str(port)),
+            *(sys.executable, "-m", "tether", "serve", "--host", HOST, "--port", str(port)),
             *("--users", str(users), "--log-format", "json", "--log-level", "warning"),
             *extra,
         ]

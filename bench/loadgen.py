@@ -29,7 +29,7 @@ from bench.harness import (
     raise_nofile,
 )
 from bench.workers import Link
-from protocol import (
+from tether.protocol import (
     Ack,
     Dropped,
     Error,

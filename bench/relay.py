@@ -18,7 +18,7 @@ import signal
 import socket
 from typing import Any
 
-from protocol import (
+from tether.protocol import (
     CLIENT_FRAME_TYPES,
     DEFAULT_MAX_FRAME,
     Ack,

@@ -7,7 +7,7 @@ import secrets
 import socket
 from typing import Any
 
-from protocol import (
+from tether.protocol import (
     BROKER_FRAME_TYPES,
     DEFAULT_MAX_FRAME,
     DELIVER_HEADROOM,

@@ -14,9 +14,10 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from broker.logs import FORMATS, LEVELS, configure_logging, get_logger
-from broker.passwords import DEFAULT_COST, MAX_COST, MIN_COST
-from broker.users import UserExistsError, UserFileError, UserStore, add_user
+from tether import __version__
+from tether.broker.logs import FORMATS, LEVELS, configure_logging, get_logger
+from tether.broker.passwords import DEFAULT_COST, MAX_COST, MIN_COST
+from tether.broker.users import UserExistsError, UserFileError, UserStore, add_user
 
 PROG = "tether"
 DEFAULT_USERS = "users.json"
@@ -63,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Tether: an actor-based TCP session broker."
     )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     serve = commands.add_parser("serve", help="run the broker until SIGINT/SIGTERM")
@@ -234,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     # Imported here: `tether user ...` must not need the network stack to be importable.
-    from broker.config import BrokerConfig
+    from tether.broker.config import BrokerConfig
 
     log_format = args.log_format or ("console" if sys.stdout.isatty() else "json")
     configure_logging(log_format, args.log_level)
@@ -268,7 +270,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CliError(str(exc)) from None
 
-    from broker.server import serve
+    from tether.broker.server import serve
 
     return serve(config)
 
@@ -339,7 +341,7 @@ def client_password(password_file: Path | None) -> str:
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
-    from broker.admin import AdminError, fetch_stats
+    from tether.broker.admin import AdminError, fetch_stats
 
     password = client_password(args.password_file)
     try:
@@ -401,8 +403,8 @@ def _pub_payloads(args: argparse.Namespace) -> list[bytes]:
 
 
 def _cmd_pub(args: argparse.Namespace) -> int:
-    from client import Client, TetherError
-    from protocol import Publish
+    from tether.client import Client, TetherError
+    from tether.protocol import Publish
 
     _client_log_to_stderr()
     payloads = _pub_payloads(args)
@@ -436,7 +438,7 @@ def _cmd_pub(args: argparse.Namespace) -> int:
 
 
 def _format_message(message: object, *, verbose: bool, as_json: bool) -> str:
-    from client import Message
+    from tether.client import Message
 
     assert isinstance(message, Message)
     try:
@@ -459,7 +461,7 @@ def _format_message(message: object, *, verbose: bool, as_json: bool) -> str:
 def _cmd_sub(args: argparse.Namespace) -> int:
     import threading
 
-    from client import Client, TetherError
+    from tether.client import Client, TetherError
 
     _client_log_to_stderr()
     password = client_password(args.password_file)

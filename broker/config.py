@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from protocol import DEFAULT_MAX_FRAME
+from tether.protocol import DEFAULT_MAX_FRAME
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -18,11 +18,12 @@ from typing import Any
 
 import structlog
 
-from broker.loop_actor import LoopActor, tell
-from broker.messages import (
+from tether.broker.loop_actor import LoopActor, tell
+from tether.broker.messages import (
     ConnectionLost,
     ConnHandle,
     Credit,
+    EndSession,
     Heartbeat,
     ListenerClosed,
     Outbound,
@@ -33,8 +34,8 @@ from broker.messages import (
     TakenOver,
     Throttle,
 )
-from broker.netedge import Link
-from protocol import (
+from tether.broker.netedge import Link
+from tether.protocol import (
     CLIENT_FRAME_TYPES,
     Ack,
     ClientFrame,
@@ -166,10 +167,13 @@ class Listener(LoopActor):
 
     def on_receive(self, message: Any) -> Any:
         match message:
-            case Outbound(data=data, credit=credit, close=close):
+            case Outbound(data=data, credit=credit, close=close, session_ended=ended):
                 self._link.write(data)
                 if credit:
                     self._return_credit(credit)
+                if ended and self._session_id is not None:
+                    tell(self._session_manager, EndSession(self._session_id, self._conn.conn_id))
+                    self._session_id = None  # ended, not lost: no ConnectionLost follows
                 if close:
                     self._close()
             case SessionAttached():

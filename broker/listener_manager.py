@@ -9,10 +9,10 @@ from typing import Any
 
 import structlog
 
-from broker.listener import Listener
-from broker.loop_actor import LoopActor
-from broker.messages import GetStats, ListenerClosed
-from broker.netedge import Connection, ConnectionHandler
+from tether.broker.listener import Listener
+from tether.broker.loop_actor import LoopActor
+from tether.broker.messages import GetStats, ListenerClosed
+from tether.broker.netedge import Connection, ConnectionHandler
 
 _log = structlog.get_logger("tether.listeners")
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from pykka import ActorRef
 
-from protocol import ClientFrame, Error, ErrorCode, Register
+from tether.protocol import ClientFrame, Error, ErrorCode, Register
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,12 +89,14 @@ class Throttle:
 
 # SubscriberManager -> Listener: bytes to write. `credit` is how many of them were deliveries,
 # to be handed back (as `Credit`) once the socket has taken them. `close` ends the connection
-# after the write (unregister).
+# after the write; `session_ended` says the session's queues are gone (unregister), so the
+# Listener tells the SessionManager to forget it rather than that the connection was lost.
 @dataclass(frozen=True, slots=True)
 class Outbound:
     data: bytes
     credit: int = 0
     close: bool = False
+    session_ended: bool = False
 
 
 # Listener -> SubscriberManager: the socket took `nbytes` of deliveries; send more.
@@ -133,7 +135,7 @@ class DropSession:
     reason: str
 
 
-# SubscriberManager -> SessionManager: the client unregistered on `conn_id`.
+# Listener -> SessionManager: the client unregistered on `conn_id`; its queues are already gone.
 @dataclass(frozen=True, slots=True)
 class EndSession:
     session_id: str

@@ -11,14 +11,14 @@ from typing import Any, cast
 import pykka.debug
 import structlog
 
-from broker.config import BrokerConfig
-from broker.listener_manager import ListenerManager, StartListening, StopListening
-from broker.messages import GetStats
-from broker.ratelimit import FailureLimiter
-from broker.sessions import SessionManager
-from broker.subscribers import SubscriberManager
-from broker.supervisor import BrokerSupervisor
-from broker.users import UserStore
+from tether.broker.config import BrokerConfig
+from tether.broker.listener_manager import ListenerManager, StartListening, StopListening
+from tether.broker.messages import GetStats
+from tether.broker.ratelimit import FailureLimiter
+from tether.broker.sessions import SessionManager
+from tether.broker.subscribers import SubscriberManager
+from tether.broker.supervisor import BrokerSupervisor
+from tether.broker.users import UserStore
 
 _log = structlog.get_logger("tether.server")
 
@@ -53,7 +53,6 @@ class Broker:
         sessions = SessionManager.start(
             *on_loop, subscriber_manager=subscribers, session_expiry=config.session_expiry
         )
-        subscribers.proxy().set_session_manager(sessions).get()
         supervisor = BrokerSupervisor.start(
             *on_loop,
             users=users,

@@ -23,8 +23,8 @@ from typing import Any, Protocol
 
 import structlog
 
-from broker.loop_actor import LoopActor, tell
-from broker.messages import (
+from tether.broker.loop_actor import LoopActor, tell
+from tether.broker.messages import (
     Attach,
     ConnectionLost,
     ConnHandle,
@@ -37,7 +37,7 @@ from broker.messages import (
     RegisterRejected,
     TakenOver,
 )
-from protocol import ErrorCode, Register
+from tether.protocol import ErrorCode, Register
 
 _log = structlog.get_logger("tether.sessions")
 
@@ -139,7 +139,8 @@ class SessionManager(LoopActor):
             case EndSession(session_id, conn_id):
                 session = self._current(session_id, conn_id)
                 if session is not None:
-                    self._remove(session, "unregistered")
+                    # The SubscriberManager dropped its queues when it answered the unregister.
+                    self._remove(session, "unregistered", drop_queues=False)
             case _Expire(session_id, generation):
                 session = self._sessions.get(session_id)
                 if (
@@ -296,14 +297,15 @@ class SessionManager(LoopActor):
 
         session.timer = self._call_later(self._expiry, fire)
 
-    def _remove(self, session: Session, reason: str) -> None:
+    def _remove(self, session: Session, reason: str, *, drop_queues: bool = True) -> None:
         if session.timer is not None:
             session.timer.cancel()
             session.timer = None
         self._sessions.pop(session.session_id, None)
         if self._by_client.get(session.client_id) == session.session_id:
             del self._by_client[session.client_id]
-        tell(self._subscribers, DropSession(session.session_id, reason))
+        if drop_queues:
+            tell(self._subscribers, DropSession(session.session_id, reason))
         _log.info(
             "session_ended",
             session_id=session.session_id,

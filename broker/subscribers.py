@@ -28,23 +28,22 @@ from typing import Any
 
 import structlog
 
-from broker import passwords
-from broker.loop_actor import LoopActor, tell
-from broker.messages import (
+from tether.broker import passwords
+from tether.broker.loop_actor import LoopActor, tell
+from tether.broker.messages import (
     Attach,
     ConnHandle,
     Credit,
     Detach,
     DropSession,
-    EndSession,
     GetStats,
     Outbound,
     SessionAttached,
     SessionOps,
     Throttle,
 )
-from broker.queues import SubscriptionQueue
-from protocol import (
+from tether.broker.queues import SubscriptionQueue
+from tether.protocol import (
     Ack,
     Dropped,
     Error,
@@ -110,7 +109,6 @@ class SubscriberManager(LoopActor):
         self._high_water = outbound_high_water
         self._sessions: dict[str, SessionSubs] = {}
         self._by_topic: dict[str, dict[str, SubscriptionQueue]] = {}
-        self._session_manager: Any = None
         self._publish_wait = publish_wait
         self._held: dict[int, _Held] = {}  # conn_id -> its batches waiting for queue room
         self._hold_tokens = itertools.count(1)
@@ -118,10 +116,6 @@ class SubscriberManager(LoopActor):
         self.delivered = 0
         self.dropped = 0
         self.expired = 0
-
-    def set_session_manager(self, ref: Any) -> None:
-        # The two managers know each other; one of them has to learn the other's ref after start.
-        self._session_manager = ref
 
     def on_receive(self, message: Any) -> Any:
         match message:
@@ -265,6 +259,7 @@ class SubscriberManager(LoopActor):
         freed: set[str] = set()
         rest: SessionOps | None = None
         close = msg.close
+        ended = False
         ops = msg.ops
         index, count = 0, len(ops)
         while index < count:
@@ -328,14 +323,13 @@ class SubscriberManager(LoopActor):
                     replies.append(encode(StatsResult(req=req, stats=stats)))
                 case Unregister(req=req):
                     self._drop(msg.session_id, "unregistered")
-                    tell(self._session_manager, EndSession(msg.session_id, msg.conn.conn_id))
                     replies.append(encode(Ok(req=req)))
-                    close = True
+                    close = ended = True
                     break
                 case _:
                     _log.warning("unexpected_op", op=type(op).__name__)
         if replies or close:
-            tell(msg.conn.ref, Outbound(b"".join(replies), close=close))
+            tell(msg.conn.ref, Outbound(b"".join(replies), close=close, session_ended=ended))
         self._flush(touched)
         return rest, freed
 

@@ -19,12 +19,12 @@ from typing import Any
 
 import structlog
 
-from broker import passwords
-from broker.loop_actor import LoopActor, tell
-from broker.messages import GetStats, OpenSession, RegisterRejected, RegisterRequest
-from broker.ratelimit import FailureLimiter
-from broker.users import UserStore
-from protocol import ErrorCode
+from tether.broker import passwords
+from tether.broker.loop_actor import LoopActor, tell
+from tether.broker.messages import GetStats, OpenSession, RegisterRejected, RegisterRequest
+from tether.broker.ratelimit import FailureLimiter
+from tether.broker.users import UserStore
+from tether.protocol import ErrorCode
 
 _log = structlog.get_logger("tether.supervisor")
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from broker.passwords import DEFAULT_COST, hash_password
+from tether.broker.passwords import DEFAULT_COST, hash_password
 
 __all__ = [
     "FILE_VERSION",

@@ -1,7 +1,7 @@
 """The Tether client library: a blocking `Client` and an asyncio `AsyncClient`, one
 sans-IO connection state machine (`client.machine`) under both. Depends on `protocol` only.
 
-    from client import Client
+    from tether.client import Client
 
     with Client(client_id="demo", username="alice", password="secret") as c:
         inbox = c.subscribe("greetings")  # iterate over it, or pass a handler instead

@@ -34,7 +34,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from protocol import (
+from tether.protocol import (
     BROKER_FRAME_TYPES,
     DEFAULT_MAX_FRAME,
     DELIVER_HEADROOM,
@@ -56,7 +56,7 @@ from protocol import (
     Unsubscribe,
     encode,
 )
-from protocol import Dropped as DroppedFrame
+from tether.protocol import Dropped as DroppedFrame
 
 from . import events as ev
 from .errors import (

@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from protocol import DEFAULT_MAX_FRAME, HEALTH_STATUSES
+from tether.protocol import DEFAULT_MAX_FRAME, HEALTH_STATUSES
 
 from .backoff import Backoff
 from .errors import SessionLost, TakenOver, TetherError

@@ -17,7 +17,7 @@ import time
 
 from _common import connection_settings, show_client_logs
 
-from client import Client, Health, Message
+from tether.client import Client, Health, Message
 
 
 class Device:

@@ -21,7 +21,7 @@ from typing import Any
 
 from _common import connection_settings, show_client_logs
 
-from client import AsyncClient, Message, Timeout
+from tether.client import AsyncClient, Message, Timeout
 
 OPERATIONS: dict[str, Callable[..., Any]] = {
     "add": lambda *xs: sum(xs),

@@ -15,7 +15,7 @@ import time
 
 from _common import connection_settings, show_client_logs
 
-from client import Client, Dropped, Message, SessionLost
+from tether.client import Client, Dropped, Message, SessionLost
 
 
 def show(message: Message) -> None:

@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
-from broker.config import BrokerConfig
-from broker.server import Broker
-from broker.users import UserStore, add_user
 from tests.wire import WireClient
+from tether.broker.config import BrokerConfig
+from tether.broker.server import Broker
+from tether.broker.users import UserStore, add_user
 
 PASSWORDS = {"alice": "secret", "bob": "hunter2"}
 

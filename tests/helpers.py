@@ -4,9 +4,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from broker.server import Broker
-from protocol import Ack, BrokerFrame, Deliver, Error, Ok, Publish, Register, Registered, Subscribe
 from tests.wire import WireClient, wait_for
+from tether.broker.server import Broker
+from tether.protocol import (
+    Ack,
+    BrokerFrame,
+    Deliver,
+    Error,
+    Ok,
+    Publish,
+    Register,
+    Registered,
+    Subscribe,
+)
 
 Dial = Callable[[Broker], WireClient]
 

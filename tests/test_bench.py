@@ -19,7 +19,7 @@ from bench.fastwire import DeliverDecoder
 from bench.loadgen import PublishEncoder
 from bench.report import Console
 from bench.scenarios import SCENARIOS, TINY, run_scenario
-from protocol import (
+from tether.protocol import (
     BROKER_FRAME_TYPES,
     CLIENT_FRAME_TYPES,
     Deliver,

@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 import structlog
 
-from broker.cli import main
-from broker.passwords import verify_password
-from broker.users import UserStore
+from tether.broker.cli import main
+from tether.broker.passwords import verify_password
+from tether.broker.users import UserStore
 
 COST = "4"
 
@@ -143,13 +143,13 @@ def test_user_list(
     assert [line.split("\t")[0] for line in lines] == ["alice", "bob"]
 
 
-def test_python_dash_m_broker_user_add(tmp_path: Path) -> None:
+def test_python_dash_m_tether_user_add(tmp_path: Path) -> None:
     path = tmp_path / "users.json"
     result = subprocess.run(
         [
             sys.executable,
             "-m",
-            "broker",
+            "tether",
             "user",
             "add",
             "admin",
@@ -172,16 +172,16 @@ def test_python_dash_m_broker_user_add(tmp_path: Path) -> None:
 
 @pytest.fixture
 def fake_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
-    """Stand in for broker.server, and undo the logging set-up `serve` does."""
+    """Stand in for tether.broker.server, and undo the logging set-up `serve` does."""
     calls: list[Any] = []
 
     def serve(config: Any) -> int:
         calls.append(config)
         return 0
 
-    module = types.ModuleType("broker.server")
+    module = types.ModuleType("tether.broker.server")
     module.serve = serve  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "broker.server", module)
+    monkeypatch.setitem(sys.modules, "tether.broker.server", module)
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
     yield calls

@@ -9,8 +9,9 @@ from typing import Any
 
 import pytest
 
-from broker.server import Broker
-from client import (
+from tests.test_client_chaos import FAST, ChaosProxy
+from tether.broker.server import Broker
+from tether.client import (
     AsyncClient,
     AuthFailed,
     ClientClosed,
@@ -20,7 +21,6 @@ from client import (
     SessionLost,
     TakenOver,
 )
-from tests.test_client_chaos import FAST, ChaosProxy
 
 
 def aclient(target: Broker | ChaosProxy, client_id: str, **kw: Any) -> AsyncClient:

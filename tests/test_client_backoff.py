@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from client import Backoff
+from tether.client import Backoff
 
 bases = st.floats(min_value=1e-3, max_value=10.0)
 caps = st.floats(min_value=1e-3, max_value=3600.0)

@@ -20,8 +20,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from broker.server import Broker
-from client import AsyncClient, Client, Message
+from tether.broker.server import Broker
+from tether.client import AsyncClient, Client, Message
 
 # Each connection carries a random number of bytes (at least a registration) and lives a
 # random time. Large enough budgets matter: a resume redelivers the whole unacked window at

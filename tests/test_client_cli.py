@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from broker.server import Broker
 from tests.test_client_chaos import wait_until
 from tests.test_client_restart import cli_env, tether
+from tether.broker.server import Broker
 
 
 @pytest.fixture

@@ -14,10 +14,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from client import ClientMachine, MachineConfig, Phase, SavedState
-from client import events as ev
-from client.errors import AuthFailed, ClientClosed, Rejected, TakenOver
-from protocol import (
+from tether.client import ClientMachine, MachineConfig, Phase, SavedState
+from tether.client import events as ev
+from tether.client.errors import AuthFailed, ClientClosed, Rejected, TakenOver
+from tether.protocol import (
     CLIENT_FRAME_TYPES,
     Ack,
     ClientFrame,
@@ -294,7 +294,7 @@ def test_a_broken_stream_asks_for_a_new_connection() -> None:
 
 def test_unknown_frame_types_from_a_newer_broker_are_ignored() -> None:
     machine, _ = ready()
-    from protocol import encode_map
+    from tether.protocol import encode_map
 
     assert machine.receive_data(encode_map({"type": "future_thing", "x": 1})) == []
     assert feed(machine, Pong(req=None)) == []

@@ -1,5 +1,5 @@
 """Processes that die: a subscriber killed and restarted with its state file, and a broker
-restarted under a connected client. Real subprocesses (`python -m broker ...`)."""
+restarted under a connected client. Real subprocesses (`python -m tether ...`)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from broker.server import Broker
-from client import Client, SessionLost
 from tests.test_client_chaos import FAST, wait_until
+from tether.broker.server import Broker
+from tether.client import Client, SessionLost
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -28,7 +28,7 @@ def cli_env(password: str = "secret") -> dict[str, str]:
 
 
 def tether(*args: str) -> list[str]:
-    return [sys.executable, "-m", "broker", *args]
+    return [sys.executable, "-m", "tether", *args]
 
 
 @pytest.fixture

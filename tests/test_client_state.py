@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from client import SavedState, StateFileError, load_state, save_state
+from tether.client import SavedState, StateFileError, load_state, save_state
 
 
 def test_round_trip_and_private_mode(tmp_path: Path) -> None:

@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 
-from broker.server import Broker
-from client import (
+from tests.test_client_chaos import FAST, ChaosProxy, wait_until
+from tether.broker.server import Broker
+from tether.client import (
     AuthFailed,
     Client,
     ClientClosed,
@@ -25,7 +26,6 @@ from client import (
     Timeout,
     load_state,
 )
-from tests.test_client_chaos import FAST, ChaosProxy, wait_until
 
 
 def client(broker: Broker | ChaosProxy, client_id: str, **kw: Any) -> Client:

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from broker.server import Broker
-from client import Client, Message
 from tests.test_client_chaos import wait_until
 from tests.test_client_restart import REPO, cli_env
+from tether.broker.server import Broker
+from tether.client import Client, Message
 
 EXAMPLES = REPO / "examples"
 

@@ -7,8 +7,20 @@ from collections.abc import Callable
 
 import pytest
 
-from broker.server import Broker
-from protocol import (
+from tests.helpers import (
+    Dial,
+    ack,
+    delivers,
+    publish_confirmed,
+    recv_acking,
+    registered,
+    resume_frame,
+    subscribe,
+    wait_connected,
+)
+from tests.wire import WireClient
+from tether.broker.server import Broker
+from tether.protocol import (
     Ack,
     BrokerFrame,
     Deliver,
@@ -23,18 +35,6 @@ from protocol import (
     Subscribe,
     Unsubscribe,
 )
-from tests.helpers import (
-    Dial,
-    ack,
-    delivers,
-    publish_confirmed,
-    recv_acking,
-    registered,
-    resume_frame,
-    subscribe,
-    wait_connected,
-)
-from tests.wire import WireClient
 
 
 @pytest.fixture

@@ -13,10 +13,16 @@ from typing import Any
 import msgpack
 import pytest
 
-from broker.config import BrokerConfig
-from broker.server import Broker
-from broker.users import UserStore, add_user
-from protocol import (
+from tests.helpers import (
+    Dial,
+    assert_error,
+    registered,
+)
+from tests.wire import WireClient
+from tether.broker.config import BrokerConfig
+from tether.broker.server import Broker
+from tether.broker.users import UserStore, add_user
+from tether.protocol import (
     Deliver,
     Error,
     Ok,
@@ -27,12 +33,6 @@ from protocol import (
     Subscribe,
     encode,
 )
-from tests.helpers import (
-    Dial,
-    assert_error,
-    registered,
-)
-from tests.wire import WireClient
 
 
 def prefixed(body: bytes) -> bytes:

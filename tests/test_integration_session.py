@@ -13,8 +13,18 @@ from dataclasses import replace
 
 import pytest
 
-from broker.server import Broker
-from protocol import (
+from tests.helpers import (
+    Dial,
+    assert_error,
+    publish_confirmed,
+    registered,
+    resume_frame,
+    subscribe,
+    wait_connected,
+)
+from tests.wire import Closed
+from tether.broker.server import Broker
+from tether.protocol import (
     Deliver,
     Error,
     Ok,
@@ -26,16 +36,6 @@ from protocol import (
     Subscribe,
     Unregister,
 )
-from tests.helpers import (
-    Dial,
-    assert_error,
-    publish_confirmed,
-    registered,
-    resume_frame,
-    subscribe,
-    wait_connected,
-)
-from tests.wire import Closed
 
 # --- new session ------------------------------------------------------------------------------
 

@@ -7,10 +7,10 @@ import subprocess
 import sys
 from collections.abc import Callable
 
-from broker.server import Broker
-from protocol import Ok, Publish, Registered, Stats, StatsResult, Subscribe
 from tests.conftest import PASSWORDS
 from tests.wire import WireClient
+from tether.broker.server import Broker
+from tether.protocol import Ok, Publish, Registered, Stats, StatsResult, Subscribe
 
 
 def test_stats_frame_answers_counters(broker: Broker, connect: Callable[[], WireClient]) -> None:
@@ -43,7 +43,7 @@ def test_tether_stats_command_prints_json(broker: Broker) -> None:
     host, port = broker.address
     env = dict(os.environ, TETHER_PASSWORD=PASSWORDS["alice"])
     done = subprocess.run(
-        [sys.executable, "-m", "broker", "stats", "--host", host, "--port", str(port),
+        [sys.executable, "-m", "tether", "stats", "--host", host, "--port", str(port),
          "--username", "alice"],
         env=env, capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
     )  # fmt: skip
@@ -58,7 +58,7 @@ def test_tether_stats_wrong_password_is_a_clear_error(broker: Broker) -> None:
     host, port = broker.address
     env = dict(os.environ, TETHER_PASSWORD="wrong")
     done = subprocess.run(
-        [sys.executable, "-m", "broker", "stats", "--host", host, "--port", str(port),
+        [sys.executable, "-m", "tether", "stats", "--host", host, "--port", str(port),
          "--username", "alice"],
         env=env, capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
     )  # fmt: skip

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import structlog
 
-from broker.logs import configure_logging, get_logger
+from tether.broker.logs import configure_logging, get_logger
 
 
 @pytest.fixture(autouse=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from broker.netedge import Connection
+from tether.broker.netedge import Connection
 
 
 class FakeTransport(asyncio.Transport):

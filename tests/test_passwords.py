@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from broker import passwords
-from broker.passwords import (
+from tether.broker import passwords
+from tether.broker.passwords import (
     SCHEME_PREFIX,
     hash_count,
     hash_password,

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from protocol import (
+from tether.protocol import (
     BROKER_FRAME_TYPES,
     CLIENT_FRAME_TYPES,
     DEFAULT_MAX_FRAME,

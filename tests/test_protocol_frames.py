@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-import protocol
-from protocol import (
+from tether import protocol
+from tether.protocol import (
     BROKER_FRAME_TYPES,
     CLIENT_FRAME_TYPES,
     FATAL_CODES,

@@ -22,7 +22,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from broker.queues import Entry, SubscriptionQueue
+from tether.broker.queues import Entry, SubscriptionQueue
 
 payloads = st.binary(max_size=12)
 

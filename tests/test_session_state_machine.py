@@ -48,11 +48,12 @@ from hypothesis.stateful import (
 )
 from pykka import ActorDeadError, ActorRef
 
-from broker.loop_actor import LoopActor, tell
-from broker.messages import (
+from tether.broker.loop_actor import LoopActor, tell
+from tether.broker.messages import (
     ConnectionLost,
     ConnHandle,
     Credit,
+    EndSession,
     GetStats,
     OpenSession,
     Outbound,
@@ -61,9 +62,9 @@ from broker.messages import (
     SessionOps,
     TakenOver,
 )
-from broker.sessions import SessionManager
-from broker.subscribers import SubscriberManager
-from protocol import (
+from tether.broker.sessions import SessionManager
+from tether.broker.subscribers import SubscriberManager
+from tether.protocol import (
     BROKER_FRAME_TYPES,
     Ack,
     ClientFrame,
@@ -116,10 +117,13 @@ class _Records:
 class FakeListener(LoopActor):
     """Records what the broker sends one connection; gives credit back like a Listener."""
 
-    def __init__(self, loop: Any, loop_thread: int, *, conn_id: int, subscribers: Any) -> None:
+    def __init__(
+        self, loop: Any, loop_thread: int, *, conn_id: int, subscribers: Any, sessions: Any
+    ) -> None:
         super().__init__(loop, loop_thread)
         self._conn_id = conn_id
         self._subscribers = subscribers
+        self._sessions = sessions
         self._session_id: str | None = None
         self._closed = False
         self._credits = 0
@@ -128,11 +132,15 @@ class FakeListener(LoopActor):
 
     def on_receive(self, message: Any) -> Any:
         match message:
-            case Outbound(data=data, credit=credit, close=close):
+            case Outbound(data=data, credit=credit, close=close, session_ended=ended):
                 self._records.append(("out", self._closed, data, close))
                 if credit and not self._closed and self._session_id is not None:
                     self._credits += 1
                     tell(self._subscribers, Credit(self._session_id, self._conn_id, credit))
+                if ended and self._session_id is not None:
+                    # As the Listener: the unregistered session is ended, not lost.
+                    tell(self._sessions, EndSession(self._session_id, self._conn_id))
+                    self._session_id = None
                 if close:
                     self._closed = True
             case SessionAttached(session_id=session_id, registered=registered):
@@ -306,7 +314,6 @@ class SessionMachine(RuleBasedStateMachine):
             call_later=self._call_later,
         )
         self.refs.append(self.sessions)
-        self.subscribers.proxy().set_session_manager(self.sessions).get(timeout=ASK_TIMEOUT)
         conn = self._register("publisher", Expect(session=self.publisher))
         assert conn.state == "active"
         for client, topics in zip(CLIENTS, subscriptions, strict=True):
@@ -319,7 +326,11 @@ class SessionMachine(RuleBasedStateMachine):
     def _new_conn(self, expect: Expect) -> Conn:
         conn_id = next(self.conn_ids)
         ref = FakeListener.start(
-            self.loop, self.ident, conn_id=conn_id, subscribers=self.subscribers
+            self.loop,
+            self.ident,
+            conn_id=conn_id,
+            subscribers=self.subscribers,
+            sessions=self.sessions,
         )
         self.refs.append(ref)
         conn = Conn(

@@ -14,9 +14,9 @@ from typing import Any
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from broker.messages import Attach, ConnHandle, Credit, Detach, Outbound, SessionOps
-from broker.subscribers import SubscriberManager, _WaitOver
-from protocol import (
+from tether.broker.messages import Attach, ConnHandle, Credit, Detach, Outbound, SessionOps
+from tether.broker.subscribers import SubscriberManager, _WaitOver
+from tether.protocol import (
     BROKER_FRAME_TYPES,
     NEED_DATA,
     Ack,

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from broker.passwords import verify_password
-from broker.users import (
+from tether.broker.passwords import verify_password
+from tether.broker.users import (
     UserExistsError,
     UserFileError,
     UserNameError,

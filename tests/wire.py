@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from protocol import (
+from tether.protocol import (
     BROKER_FRAME_TYPES,
     DEFAULT_MAX_FRAME,
     DELIVER_HEADROOM,

@@ -1,6 +1,0 @@
-"""`python -m broker` runs the same command line as the `tether` script."""
-
-from broker.cli import main
-
-if __name__ == "__main__":
-    raise SystemExit(main())
