@@ -1,15 +1,5 @@
-"""Logging set-up: structlog for our own events, with the standard library routed through it.
-
-Both structlog events and plain `logging` records (pykka logs that way) end in one handler on
-the root logger whose `ProcessorFormatter` runs the same processors, so every line has the
-same shape: a timestamp, a level, the logger name, the event, and whatever was bound with
-`structlog.contextvars.bind_contextvars` (session_id, peer, ...).
-
-Output goes to stdout in both formats: JSON lines are the broker's log stream (the style
-guide wants them on stdout), and keeping the console format there too means switching
-`--log-format` never moves the logs to another stream. The handler looks `sys.stdout` up on
-every write, so pytest's capture and a redirected stdout both see the lines.
-"""
+"""Logging set-up: structlog and the standard library (pykka) through one stdout handler, JSON
+lines or console. See docs/architecture.md section 12."""
 
 from __future__ import annotations
 
@@ -29,7 +19,7 @@ LEVELS = ("debug", "info", "warning", "error", "critical")
 class _StdoutHandler(logging.StreamHandler[TextIO]):
     """A StreamHandler bound to whatever `sys.stdout` is at the time of each write."""
 
-    @property  # type: ignore[override]
+    @property
     def stream(self) -> TextIO:
         return sys.stdout
 

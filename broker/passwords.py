@@ -1,15 +1,5 @@
-"""Password hashing for the users file: bcrypt over a SHA-256 pre-hash.
-
-bcrypt only looks at the first 72 bytes of its input; bcrypt 5 raises on anything longer, and
-truncating would let two long passwords that share a 72-byte prefix verify against each other.
-So every password is first reduced to `base64(sha256(utf8(password)))`, 44 printable bytes with
-no NUL, and that is what bcrypt hashes. Stored strings carry the scheme as a prefix,
-`bcrypt-sha256$<bcrypt hash>`, so a later scheme can sit beside this one in the same file.
-
-`verify_password` never raises and always spends one bcrypt computation, whether the password
-is wrong, the stored hash is malformed, or (via `verify_unknown_user`) the user does not exist:
-an attacker cannot tell those apart by timing.
-"""
+"""Password hashing for the users file: bcrypt over a SHA-256 pre-hash, constant work for every
+failure. Why the pre-hash and the dummy checks: docs/architecture.md section 11."""
 
 from __future__ import annotations
 

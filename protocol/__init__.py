@@ -19,7 +19,6 @@ from .errors import (
     FrameTooLarge,
     LocalProtocolError,
     ProtocolError,
-    ProtocolTimeout,
     RemoteProtocolError,
 )
 from .frames import (
@@ -82,7 +81,6 @@ __all__ = [
     "Ping",
     "Pong",
     "ProtocolError",
-    "ProtocolTimeout",
     "Publish",
     "Register",
     "Registered",

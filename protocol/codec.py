@@ -51,17 +51,17 @@ def _reject_ext(code: int, data: bytes) -> Any:
 def _check_nested(root: object) -> None:
     """Reject timestamps anywhere inside containers (iterative: nesting can be ~1000 deep)."""
     # msgpack decodes ext type -1 to Timestamp without consulting ext_hook.
-    stack = [root]
+    stack: list[Any] = [root]
     pop, push = stack.pop, stack.append
     while stack:
         x = pop()
         if x.__class__ is dict:
-            for k, v in x.items():  # type: ignore[attr-defined]
+            for k, v in x.items():
                 if k.__class__ is msgpack.Timestamp:
                     raise BadFrame("msgpack ext types are not allowed")
                 push(v)
         elif x.__class__ is list:
-            stack.extend(x)  # type: ignore[call-overload]
+            stack.extend(x)
         elif x.__class__ is msgpack.Timestamp:
             raise BadFrame("msgpack ext types are not allowed")
 
@@ -82,7 +82,8 @@ def _wire_map(body: bytes | bytearray) -> dict[str, Any]:
             _check_nested(v)
     if m.get("type").__class__ is not str:
         raise BadFrame("frame has no str 'type' key")
-    return m  # type: ignore[no-any-return]
+    wire: dict[str, Any] = m
+    return wire
 
 
 class FrameDecoder:
@@ -134,30 +135,17 @@ class FrameDecoder:
         buf += data
 
     def next_frame(self) -> Frame | NeedData:
-        """The next complete frame, or `NEED_DATA` if the buffer holds no complete frame."""
-        if self._error is not None:
-            raise self._error
-        buf = self._buf
-        pos = self._pos
-        start = pos + 4
-        if len(buf) < start:
-            return NEED_DATA
-        (n,) = _PREFIX.unpack_from(buf, pos)
-        # Judge the prefix before waiting for the body, so a bogus length can't make
-        # us buffer up to 4 GiB.
-        if n > self._max_frame:
-            raise self._fatal(FrameTooLarge(size=n, limit=self._max_frame))
-        if n == 0:
-            raise self._fatal(BadFrame("empty frame (length prefix 0)"))
-        end = start + n
-        if len(buf) < end:
-            return NEED_DATA
-        self._pos = end
-        try:
-            m = _wire_map(buf[start:end])
-        except BadFrame as e:
-            raise self._fatal(e) from None
-        return from_wire(m, accept=self._accept)
+        """The next complete frame, or `NEED_DATA` if the buffer holds no complete frame.
+        Raises the `BadRequest` a frame earned (that frame is consumed) or the fatal error."""
+        items, fatal = self._decode(1)
+        if items:
+            item = items[0]
+            if isinstance(item, BadRequest):
+                raise item
+            return item
+        if fatal is not None:
+            raise fatal
+        return NEED_DATA
 
     def drain(self) -> tuple[list[Frame | BadRequest], RemoteProtocolError | None]:
         """Every complete frame held, in order, in one pass (the broker's per-read path).
@@ -166,6 +154,10 @@ class FrameDecoder:
         fatal error ends the list, is returned beside it, and ends the decoder as in
         `next_frame`.
         """
+        return self._decode(-1)
+
+    def _decode(self, limit: int) -> tuple[list[Frame | BadRequest], RemoteProtocolError | None]:
+        """Up to `limit` complete frames (all when negative): the one loop behind both."""
         items: list[Frame | BadRequest] = []
         if self._error is not None:
             return items, self._error
@@ -177,8 +169,10 @@ class FrameDecoder:
         unpack_prefix = _PREFIX.unpack_from
         append = items.append
         fatal: RemoteProtocolError | None = None
-        while size - pos >= 4:
+        while size - pos >= 4 and limit:
             (n,) = unpack_prefix(buf, pos)
+            # Judge the prefix before waiting for the body, so a bogus length can't make
+            # us buffer up to 4 GiB.
             if n > max_frame:
                 fatal = FrameTooLarge(size=n, limit=max_frame)
                 break
@@ -194,13 +188,17 @@ class FrameDecoder:
                 fatal = e
                 break
             pos = end
+            limit -= 1
             try:
                 append(from_wire(m, accept=accept))
             except BadRequest as e:
                 append(e)
         self._pos = pos
         if fatal is not None:
-            self._fatal(fatal)
+            # The stream is unusable after a framing error: keep raising it, hold nothing.
+            self._error = fatal
+            self._buf = bytearray()
+            self._pos = 0
         return items, fatal
 
     def frames(self) -> Iterator[Frame]:
@@ -212,17 +210,12 @@ class FrameDecoder:
                 return
             yield frame
 
-    def _fatal(self, exc: RemoteProtocolError) -> RemoteProtocolError:
-        self._error = exc
-        self._buf = bytearray()
-        self._pos = 0
-        return exc
 
 
 def encode_map(m: dict[str, Any]) -> bytes:
     """Frame an already-built wire map: 4-byte big-endian length, then the msgpack body."""
     # packb builds a fresh Packer per call: a shared one is not thread-safe.
-    body = msgpack.packb(m, use_bin_type=True)
+    body: bytes = msgpack.packb(m, use_bin_type=True)
     return _PREFIX.pack(len(body)) + body
 
 

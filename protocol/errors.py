@@ -12,7 +12,6 @@ __all__ = [
     "FrameTooLarge",
     "LocalProtocolError",
     "ProtocolError",
-    "ProtocolTimeout",
     "RemoteProtocolError",
 ]
 
@@ -119,6 +118,3 @@ class LocalProtocolError(ProtocolError, ValueError):
         self.frame_type = frame_type
         self.field = field
 
-
-class ProtocolTimeout(ProtocolError, TimeoutError):
-    """A protocol-level deadline (keepalive, request reply) expired."""

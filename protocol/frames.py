@@ -1,10 +1,6 @@
-"""Frame dataclasses of the Tether wire protocol and their mapping to/from msgpack maps.
-
-Every frame validates its fields on construction (LocalProtocolError), so a frame object
-satisfies the wire contract; `from_wire` turns those validation failures into `BadRequest`
-(echoing the request id) for frames that came from the peer. The contents of the free-form
-maps (`metadata`, `details`) are not checked: they must merely be msgpack-encodable.
-"""
+"""The frame dataclasses and their mapping to and from msgpack maps. Frames validate on
+construction (`LocalProtocolError`); `from_wire` turns that into `BadRequest` for a peer's
+frame. Free-form maps (`metadata`, `details`) need only be msgpack-encodable."""
 
 from __future__ import annotations
 
@@ -71,7 +67,7 @@ def _int(ftype: str, name: str, v: object, lo: int = _INT_MIN, hi: int = _INT_MA
     # bool is an int subclass but is never a valid integer field on the wire.
     if v.__class__ is not int and (isinstance(v, bool) or not isinstance(v, int)):
         _fail(ftype, name, f"must be an int, not {type(v).__name__}")
-    if not lo <= v <= hi:  # type: ignore[operator]
+    if not lo <= v <= hi:
         _fail(ftype, name, f"must be in range {lo}..{hi}, got {v}")
 
 

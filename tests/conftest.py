@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
 from tests.wire import WireClient
 from tether.broker.config import BrokerConfig
@@ -13,6 +14,22 @@ from tether.broker.server import Broker
 from tether.broker.users import UserStore, add_user
 
 PASSWORDS = {"alice": "secret", "bob": "hunter2"}
+
+
+@pytest.fixture(autouse=True)
+def _broker_logs_through_logging() -> None:
+    """Brokers started in-process log through the standard library, which pytest captures
+    (shown with a failing test), instead of structlog's default printer, whose lines from
+    the brokers' threads land in pytest's own output between tests."""
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.KeyValueRenderer(key_order=["event"]),
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        cache_logger_on_first_use=False,
+    )
 
 
 @pytest.fixture(scope="session")

@@ -27,7 +27,6 @@ from tether.protocol import (
     Ping,
     Pong,
     ProtocolError,
-    ProtocolTimeout,
     Publish,
     Register,
     Registered,
@@ -232,8 +231,6 @@ def test_exception_hierarchy_and_attributes() -> None:
     local = LocalProtocolError("bad", frame_type="ok", field="req")
     assert isinstance(local, ValueError) and isinstance(local, ProtocolError)
     assert (local.frame_type, local.field) == ("ok", "req")
-    timeout = ProtocolTimeout("late")
-    assert isinstance(timeout, TimeoutError) and isinstance(timeout, ProtocolError)
 
 
 def test_error_frame_from_exception() -> None:
