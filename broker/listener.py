@@ -1,22 +1,16 @@
-"""Listener: the actor of one client connection.
-
-Theory of operation: the Listener decodes what its connection reads and keeps one connection's
-frames in order. Before registration only `register` is accepted; while a registration is being
-decided, reading pauses and whatever the client pipelined behind `register` waits, then runs
-against the outcome. Once registered, every frame (and every error a bad frame earns) goes to
-the SubscriberManager as one ordered batch per read, so answers leave in the order frames came.
-
-A Listener outlives its socket while a registration is in flight: if the session is granted
-to a connection already gone, the Listener reports it lost, so the session lingers and expires
-as it should instead of staying "connected" forever.
+"""Listener: the actor of one client connection, which decodes what it reads and keeps its
+frames in order, driven by a table of states. See docs/architecture.md section 5.
 """
 
 from __future__ import annotations
 
+import asyncio
 import enum
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import structlog
+from pykka import ActorRef
 
 from tether.broker.loop_actor import LoopActor, tell
 from tether.broker.messages import (
@@ -50,10 +44,20 @@ from tether.protocol import (
     encode,
 )
 
+if TYPE_CHECKING:
+    from tether.broker.listener_manager import ListenerManager
+    from tether.broker.sessions import SessionManager
+    from tether.broker.subscribers import SubscriberManager
+    from tether.broker.supervisor import BrokerSupervisor
+
 _log = structlog.get_logger("tether.listener")
 
 
 class State(enum.Enum):
+    # Members are singletons: hash by identity, in C. (Enum's own hash is a Python call, and
+    # the state is looked up once per read, on the hot path.)
+    __hash__ = object.__hash__
+
     AWAITING_REGISTER = "awaiting_register"
     REGISTERING = "registering"
     ACTIVE = "active"
@@ -86,15 +90,15 @@ Item = ClientFrame | RemoteProtocolError
 class Listener(LoopActor):
     def __init__(
         self,
-        loop: Any,
+        loop: asyncio.AbstractEventLoop,
         loop_thread: int,
         *,
         link: Link,
         conn_id: int,
-        supervisor: Any,
-        session_manager: Any,
-        subscriber_manager: Any,
-        listener_manager: Any,
+        supervisor: ActorRef[BrokerSupervisor],
+        session_manager: ActorRef[SessionManager],
+        subscriber_manager: ActorRef[SubscriberManager],
+        listener_manager: ActorRef[ListenerManager],
         max_frame: int,
         register_timeout: float,
     ) -> None:
@@ -128,13 +132,15 @@ class Listener(LoopActor):
         if self.state is State.CLOSING or self._done_reading:
             return
         self._decoder.receive_data(data)
-        items, fatal = self._decoder.drain()
+        decoded, fatal = self._decoder.drain()
+        # Only client frames: the decoder was built with `accept=CLIENT_FRAME_TYPES`.
+        items = cast("list[Item]", decoded)
         if fatal is not None:
             # Answered after everything before it, then the connection closes.
             self._log.info("protocol_error", code=str(fatal.code), error=str(fatal))
-            items.append(fatal)  # type: ignore[arg-type]
+            items.append(fatal)
             self._done_reading = True
-        self._handle_items(items)  # type: ignore[arg-type]
+        self._handle_items(items)
 
     def on_writable(self, writable: bool) -> None:
         if writable and self._owed_credit and self._session_id is not None:
@@ -234,74 +240,103 @@ class Listener(LoopActor):
         held, self._held = self._held, []
         self._handle_items(held)
 
+    # --- items read off the wire, by state ----------------------------------------------
+    #
+    # One handler per state takes the items from `start` on and returns the index where it
+    # stopped. If the state moved meanwhile (only `register` does that here), the new state's
+    # handler goes on from there; otherwise the handler is done with this read.
+
     def _handle_items(self, items: list[Item]) -> None:
+        state = self.state
+        start = self._ITEM_HANDLERS[state](self, items, 0)
+        while self.state is not state and start < len(items):
+            state = self.state
+            start = self._ITEM_HANDLERS[state](self, items, start)
+
+    def _items_awaiting_register(self, items: list[Item], start: int) -> int:
+        link = self._link
+        for index in range(start, len(items)):
+            item = items[index]
+            if isinstance(item, RemoteProtocolError):
+                link.write(encode(Error(req=item.req, code=item.code, message=str(item))))
+                if item.fatal:
+                    self._close()
+                    return len(items)
+            elif isinstance(item, Register):
+                self._move("register")
+                # The registration timeout stops when `register` arrives.
+                link.set_deadline(None)
+                link.pause_reading()
+                tell(self._supervisor, RegisterRequest(item, self._conn))
+                return index + 1
+            else:
+                link.write(
+                    encode(
+                        Error(
+                            req=getattr(item, "req", None),
+                            code=ErrorCode.NOT_REGISTERED,
+                            message="register first: only `register` is accepted before it",
+                        )
+                    )
+                )
+        return len(items)
+
+    def _items_registering(self, items: list[Item], start: int) -> int:
+        # Held, to run against the outcome (`SessionAttached` or `RegisterRejected`).
+        self._held.extend(items[start:])
+        return len(items)
+
+    def _items_active(self, items: list[Item], start: int) -> int:
+        """The data path: every item becomes an op of one ordered `SessionOps` per read."""
         ops: list[ClientFrame | Error] = []
         close = False
-        for index, item in enumerate(items):
-            state = self.state
-            if state is State.ACTIVE and (item.__class__ is Publish or item.__class__ is Ack):
-                ops.append(item)  # the data path: no further checks
-            elif state is State.ACTIVE:
-                if isinstance(item, RemoteProtocolError):
-                    ops.append(Error(req=item.req, code=item.code, message=str(item)))
-                    if item.fatal:
-                        close = True
-                        break
-                elif isinstance(item, Register):
-                    ops.append(
-                        Error(
-                            req=item.req,
-                            code=ErrorCode.BAD_REQUEST,
-                            message="already registered on this connection",
-                        )
+        for item in items[start:] if start else items:
+            if item.__class__ is Publish or item.__class__ is Ack:
+                ops.append(item)  # the per-message hot path: no further checks
+            elif isinstance(item, RemoteProtocolError):
+                ops.append(Error(req=item.req, code=item.code, message=str(item)))
+                if item.fatal:
+                    close = True
+                    break
+            elif isinstance(item, Register):
+                ops.append(
+                    Error(
+                        req=item.req,
+                        code=ErrorCode.BAD_REQUEST,
+                        message="already registered on this connection",
                     )
-                else:
-                    ops.append(item)
-                    if isinstance(item, Ping):
-                        if item.status is not None or item.details is not None:
-                            tell(
-                                self._session_manager,
-                                Heartbeat(
-                                    self._session_id or "",
-                                    self._conn.conn_id,
-                                    item.status,
-                                    item.details,
-                                ),
-                            )
-                    elif isinstance(item, Unregister):
-                        # Nothing after unregister is read: the broker closes once it answers.
-                        self._done_reading = True
-                        self._link.pause_reading()
-                        break
-            elif state is State.REGISTERING:
-                self._held.extend(items[index:])
-                break
-            elif state is State.AWAITING_REGISTER:
-                if isinstance(item, RemoteProtocolError):
-                    self._link.write(encode(Error(req=item.req, code=item.code, message=str(item))))
-                    if item.fatal:
-                        self._close()
-                        break
-                elif isinstance(item, Register):
-                    self._move("register")
-                    # The registration timeout stops when `register` arrives.
-                    self._link.set_deadline(None)
-                    self._link.pause_reading()
-                    tell(self._supervisor, RegisterRequest(item, self._conn))
-                else:
-                    self._link.write(
-                        encode(
-                            Error(
-                                req=getattr(item, "req", None),
-                                code=ErrorCode.NOT_REGISTERED,
-                                message="register first: only `register` is accepted before it",
-                            )
-                        )
-                    )
+                )
             else:
-                break
+                ops.append(item)
+                if isinstance(item, Ping):
+                    if item.status is not None or item.details is not None:
+                        tell(
+                            self._session_manager,
+                            Heartbeat(
+                                self._session_id or "",
+                                self._conn.conn_id,
+                                item.status,
+                                item.details,
+                            ),
+                        )
+                elif isinstance(item, Unregister):
+                    # Nothing after unregister is read: the broker closes once it answers.
+                    self._done_reading = True
+                    self._link.pause_reading()
+                    break
         if ops and self._session_id is not None:
             tell(self._subscribers, SessionOps(self._session_id, self._conn, tuple(ops), close))
+        return len(items)
+
+    def _items_closing(self, items: list[Item], start: int) -> int:
+        return len(items)  # the socket is gone: nothing read is acted on
+
+    _ITEM_HANDLERS: ClassVar[dict[State, Callable[[Listener, list[Item], int], int]]] = {
+        State.AWAITING_REGISTER: _items_awaiting_register,
+        State.REGISTERING: _items_registering,
+        State.ACTIVE: _items_active,
+        State.CLOSING: _items_closing,
+    }
 
     def _return_credit(self, credit: int) -> None:
         if self._link.writable and self._session_id is not None:

@@ -1,18 +1,27 @@
-"""ListenerManager: owns the listening socket and spawns one Listener per connection."""
+"""ListenerManager: owns the listening socket and spawns one Listener per connection.
+
+See docs/architecture.md sections 2 and 4.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
+from pykka import ActorRef
 
 from tether.broker.listener import Listener
 from tether.broker.loop_actor import LoopActor
 from tether.broker.messages import GetStats, ListenerClosed
 from tether.broker.netedge import Connection, ConnectionHandler
+
+if TYPE_CHECKING:
+    from tether.broker.sessions import SessionManager
+    from tether.broker.subscribers import SubscriberManager
+    from tether.broker.supervisor import BrokerSupervisor
 
 _log = structlog.get_logger("tether.listeners")
 
@@ -35,12 +44,12 @@ class ListenerManager(LoopActor):
 
     def __init__(
         self,
-        loop: Any,
+        loop: asyncio.AbstractEventLoop,
         loop_thread: int,
         *,
-        supervisor: Any,
-        session_manager: Any,
-        subscriber_manager: Any,
+        supervisor: ActorRef[BrokerSupervisor],
+        session_manager: ActorRef[SessionManager],
+        subscriber_manager: ActorRef[SubscriberManager],
         max_frame: int,
         register_timeout: float,
         high_water: int,
@@ -53,7 +62,7 @@ class ListenerManager(LoopActor):
         self._register_timeout = register_timeout
         self._high_water = high_water
         self._conn_ids = itertools.count(1)
-        self._listeners: dict[int, Any] = {}
+        self._listeners: dict[int, ActorRef[Listener]] = {}
         self._server: asyncio.Server | None = None
         self.accepted = 0
 
@@ -103,10 +112,8 @@ class ListenerManager(LoopActor):
             max_frame=self._max_frame,
             register_timeout=self._register_timeout,
         )
-        # Started by hand rather than by `Listener.start()`: the connection needs the object
-        # itself as its handler (both run on this loop thread), and `start()` returns a ref.
-        # Nor is it put in pykka's registry, whose removal is a list scan: this manager keeps
-        # the listeners, for shutdown.
-        listener._start_actor_loop()
-        self._listeners[conn_id] = listener.actor_ref
+        # Not `Listener.start()`: the connection needs the object itself as its handler (both
+        # run on this loop thread), and this manager, not pykka's registry (whose removal is a
+        # list scan), keeps the listeners for shutdown.
+        self._listeners[conn_id] = listener.start_unregistered()
         return listener

@@ -1,22 +1,6 @@
 """Pykka actors that share one asyncio event loop instead of owning a thread each.
 
-Theory of operation: pykka's `Actor` leaves the inbox, the future and the run loop to
-subclasses. A `LoopActor`'s inbox is a deque plus a "scheduled" flag; `put` appends and, when
-the actor is not already scheduled, puts it in the line of the loop's `_Runner` (directly from
-the loop's own thread, through `call_soon_threadsafe` from any other). The runner, one
-callback on the loop, lets each ready actor handle a bounded batch in turn until none is ready
-or a budget is spent, then yields back to the loop, so sockets and timers keep turning; a tell
-made meanwhile is handled in the same run. All actors on one loop run on one thread: an
-actor's state is only ever touched by that thread, and asyncio protocol callbacks of a
-connection actor run there too, so they count as the actor's own events. A tell between loop
-actors is a deque append, not a thread wake.
-
-Futures are pykka's `ThreadingFuture`, so code outside the loop (start-up, CLI, tests) can
-`ask(...).get()`. Actors on the loop must never block on a future: they only `tell`.
-
-Supervision: an exception while handling a `tell` stops the actor and calls `on_failure`
-(pykka's default), unless the class sets `resume_after_failure = True`, in which case the
-failure is logged with the message that caused it and the actor carries on with the next one.
+See docs/architecture.md section 3 (and section 10 for what a failure does).
 """
 
 from __future__ import annotations
@@ -26,20 +10,23 @@ import sys
 import threading
 import weakref
 from collections import deque
-from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 import pykka
 import structlog
-from pykka import ActorDeadError, ActorRef
+from pykka import ActorDeadError, ActorRef, ActorRegistry
+
+# pykka's private names stay in this module: it is the one place that implements an actor type.
 from pykka._envelope import Envelope
+
+__all__ = ["DRAIN_BATCH", "RUN_BUDGET", "LoopActor", "LoopInbox", "tell"]
 
 _log = structlog.get_logger("tether.actor")
 
 # Envelopes one actor handles before the next ready actor gets its turn, and envelopes one
 # run handles (across actors) before giving the loop back to sockets and timers.
-_DRAIN_BATCH = 256
-_RUN_BUDGET = 1024
+DRAIN_BATCH = 256
+RUN_BUDGET = 1024
 
 
 class _Runner:
@@ -49,12 +36,9 @@ class _Runner:
 
     __slots__ = ("_loop", "_pending", "_ready", "_running")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop | None) -> None:
-        # Weak, so that the registry below never keeps a loop alive. (No loop: an actor
-        # driven by hand, as in unit tests, whose tells go nowhere.)
-        self._loop: Callable[[], asyncio.AbstractEventLoop | None] = (
-            weakref.ref(loop) if loop is not None else lambda: None
-        )
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        # Weak, so that the registry below never keeps a loop alive.
+        self._loop = weakref.ref(loop)
         self._ready: deque[LoopInbox] = deque()
         self._running = False
         self._pending = False
@@ -75,11 +59,11 @@ class _Runner:
         self._pending = False
         self._running = True
         ready = self._ready
-        budget = _RUN_BUDGET
+        budget = RUN_BUDGET
         try:
             while ready and budget > 0:
                 inbox = ready.popleft()
-                budget -= inbox._drain(min(_DRAIN_BATCH, budget))
+                budget -= inbox._drain(min(DRAIN_BATCH, budget))
         finally:
             self._running = False
         if ready and not self._pending:
@@ -91,9 +75,7 @@ _runners: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Runner] = (
 )
 
 
-def _runner_for(loop: asyncio.AbstractEventLoop | None) -> _Runner:
-    if loop is None:
-        return _Runner(None)
+def _runner_for(loop: asyncio.AbstractEventLoop) -> _Runner:
     runner = _runners.get(loop)
     if runner is None:
         runner = _runners[loop] = _Runner(loop)
@@ -167,6 +149,18 @@ class LoopActor(pykka.Actor):
         self._loop_thread = loop_thread
         super().__init__()
 
+    def start_unregistered(self) -> ActorRef[Self]:
+        """Start this (already built) actor without putting it in pykka's registry.
+
+        For an actor whose owner keeps its ref and stops it (pykka's registry removal is a list
+        scan), and whose object is needed as well as its ref. `ActorRegistry.stop_all` does not
+        reach it.
+        """
+        self._start_actor_loop()
+        return self.actor_ref
+
+    # --- pykka's hooks for an actor type ------------------------------------------------
+
     def _create_actor_inbox(self) -> LoopInbox:  # type: ignore[override]
         return LoopInbox(self, self.loop, self._loop_thread)
 
@@ -182,6 +176,7 @@ class LoopActor(pykka.Actor):
             self.loop.call_soon_threadsafe(self._actor_loop_setup)
 
     def _handle_envelope(self, envelope: Envelope[Any]) -> None:
+        """pykka's `_actor_loop_running`, one envelope at a time, plus `resume_after_failure`."""
         try:
             response = self._handle_receive(envelope.message)
             if envelope.reply_to is not None:
@@ -202,6 +197,28 @@ class LoopActor(pykka.Actor):
                     self.on_failure(*exc_info)
                 except Exception:
                     self._handle_failure(*sys.exc_info())
+        except BaseException as exc:
+            # KeyboardInterrupt, SystemExit: as pykka does, stop this actor (on_stop runs) and
+            # every registered one, and swallow it. Two differences the shared loop needs: the
+            # stops are not waited for (they are handled by this very thread), and an `ask`
+            # that caused it fails with ActorDeadError rather than going unanswered.
+            _log.warning(
+                "actor_interrupted_stopping_all",
+                actor=type(self).__name__,
+                message=type(envelope.message).__name__,
+                error=repr(exc),
+            )
+            if envelope.reply_to is not None:
+                envelope.reply_to.set_exception(
+                    exc_info=(
+                        ActorDeadError,
+                        ActorDeadError(f"{self.actor_ref} stopped by {exc!r}"),
+                        None,
+                    )
+                )
+            if not self.actor_stopped.is_set():  # else it came from on_stop: run that once
+                self._stop()
+            ActorRegistry.stop_all(block=False)
 
 
 def tell(ref: ActorRef[Any] | None, message: Any) -> bool:

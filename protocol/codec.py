@@ -211,7 +211,6 @@ class FrameDecoder:
             yield frame
 
 
-
 def encode_map(m: dict[str, Any]) -> bytes:
     """Frame an already-built wire map: 4-byte big-endian length, then the msgpack body."""
     # packb builds a fresh Packer per call: a shared one is not thread-safe.

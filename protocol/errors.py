@@ -117,4 +117,3 @@ class LocalProtocolError(ProtocolError, ValueError):
         super().__init__(message)
         self.frame_type = frame_type
         self.field = field
-
