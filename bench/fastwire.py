@@ -16,7 +16,8 @@ from typing import Any
 
 import msgpack
 
-from bench.harness import CLIENT_MAX_FRAME, BenchError
+from bench.harness import BenchError
+from bench.wire import CLIENT_MAX_FRAME
 from tether.protocol import BROKER_FRAME_TYPES, MAX_TOPIC_CHARS, BrokerFrame, from_wire
 
 _LENGTH = struct.Struct(">I").unpack_from

@@ -15,21 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tether.protocol import (
-    BROKER_FRAME_TYPES,
-    DEFAULT_MAX_FRAME,
-    DELIVER_HEADROOM,
-    NEED_DATA,
-    Ack,
-    BrokerFrame,
-    ClientFrame,
-    FrameDecoder,
-    Register,
-    Registered,
-    Stats,
-    StatsResult,
-    encode,
-)
+from bench.wire import Closed, WireClient
+from tether.protocol import Ack, BrokerFrame, Registered, Stats, StatsResult
 
 HOST = "127.0.0.1"  # loopback only: the bench never listens or connects elsewhere
 BENCH_USER = "bench"
@@ -40,7 +27,6 @@ BURST_PASSWORD = "burst-password"
 BURST_COST = 12  # the registration burst uses the production default cost
 # Bench sessions must never be closed for silence, however long a scenario idles.
 KEEPALIVE = 3600
-CLIENT_MAX_FRAME = DEFAULT_MAX_FRAME + DELIVER_HEADROOM
 
 
 class BenchError(Exception):
@@ -178,51 +164,38 @@ def relay_process() -> Iterator[Server]:
             yield server
 
 
-class RawClient:
-    """A blocking client: batched writes, incremental parsing, a timeout on every read."""
+class RawClient(WireClient):
+    """The tests' wire client (bench/wire.py) with the bench's user, keepalive and patience,
+    reading up to 1 MiB at a time, and failing with `BenchError`."""
+
+    read_size = 1 << 20
 
     def __init__(self, address: tuple[str, int], *, timeout: float = 30.0) -> None:
-        self.sock = socket.create_connection(address, timeout=timeout)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.decoder = FrameDecoder(max_frame=CLIENT_MAX_FRAME, accept=BROKER_FRAME_TYPES)
+        super().__init__(address, timeout=timeout)
 
-    def send(self, *frames: ClientFrame) -> None:
-        self.sock.sendall(b"".join([encode(f) for f in frames]))
-
-    def _fill(self) -> None:
+    def recv(self, timeout: float | None = None) -> BrokerFrame:
         try:
-            data = self.sock.recv(1 << 20)
+            return super().recv(timeout)
         except TimeoutError:
             raise BenchError("no answer from the server within the timeout") from None
-        if not data:
-            raise BenchError("the server closed the connection")
-        self.decoder.receive_data(data)
-
-    def recv(self) -> BrokerFrame:
-        while (frame := self.decoder.next_frame()) is NEED_DATA:
-            self._fill()
-        return frame  # type: ignore[return-value]
+        except Closed:
+            raise BenchError("the server closed the connection") from None
 
     def register(
         self,
         client_id: str,
-        *,
         username: str = BENCH_USER,
         password: str | None = BENCH_PASSWORD,
         **kw: Any,
     ) -> Registered:
         kw.setdefault("keepalive", KEEPALIVE)
-        self.send(Register(req=0, client_id=client_id, username=username, password=password, **kw))
-        frame = self.recv()
+        frame = super().register(client_id, username, password, **kw)
         if not isinstance(frame, Registered):
             raise BenchError(f"register {client_id!r} failed: {frame!r}")
         return frame
 
     def ack(self, topic: str, seq: int) -> None:
         self.send(Ack(topic=topic, seq=seq))
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 class Monitor:

@@ -1,4 +1,5 @@
-"""Broker settings: one frozen dataclass, filled from the command line or by tests."""
+"""Broker settings: one frozen dataclass, filled from the command line or by tests. Its defaults
+are `tether serve`'s (docs/architecture.md, section 13)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ class BrokerConfig:
     queue_bytes: int = 64 * 1024 * 1024  # payload bytes per subscriber queue
     max_frame: int = DEFAULT_MAX_FRAME
     register_timeout: float = 10.0  # seconds a connection may stay unregistered
-    max_keepalive: int = 65_535
     outbound_high_water: int = 1 << 20  # bytes buffered per connection before pausing deliveries
     # How long a publisher is held back (not read) while a connected subscriber's queue is
     # full, before the oldest unsent message is dropped to make room (counted, told).

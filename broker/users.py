@@ -11,10 +11,8 @@ reads either the old file or the new one, never half of one.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
 import unicodedata
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -24,6 +22,7 @@ from types import MappingProxyType
 from typing import Any
 
 from tether.broker.passwords import DEFAULT_COST, hash_password
+from tether.files import write_atomic
 
 __all__ = [
     "FILE_VERSION",
@@ -183,28 +182,5 @@ def add_user(
         "version": FILE_VERSION,
         "users": {n: {"hash": r.hash, "created": r.created} for n, r in sorted(users.items())},
     }
-    _write_atomically(path, (json.dumps(doc, indent=2, ensure_ascii=False) + "\n").encode())
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    directory = path.parent
-    directory.mkdir(parents=True, exist_ok=True)
-    # Same directory so os.replace is a rename within one filesystem; mkstemp makes it 0600.
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), FILE_MODE)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
-    # Persist the rename itself, not just the file's bytes.
-    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, (json.dumps(doc, indent=2, ensure_ascii=False) + "\n").encode(), FILE_MODE)

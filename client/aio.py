@@ -1,13 +1,6 @@
-"""`AsyncClient`: the asyncio front end of the connection state machine.
-
-Same semantics as the blocking `Client`, on three tasks instead of threads: the connection
-task (connect, read, reconnect with backoff), the keepalive task (pings with the health
-report; an unanswered one drops the connection) and the dispatcher task (runs handlers in
-order, then acks once per batch). Writes are coalesced: whatever the machine queued during
-one turn of the event loop goes out as one `write`.
-
-Handlers and callbacks may be plain functions or coroutine functions.
-"""
+"""`AsyncClient`: the asyncio front end of the connection state machine, with the blocking
+`Client`'s semantics on three tasks instead of threads (docs/client.md). Handlers and
+callbacks may be plain functions or coroutine functions."""
 
 from __future__ import annotations
 
@@ -16,11 +9,23 @@ import contextlib
 import inspect
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, ParamSpec
 
 from . import events as ev
 from .errors import ClientClosed, ConnectionFailed, TetherError, Timeout
-from .frontend import END, STOP, Cancel, Claim, FrontEnd, SubscriptionBase
+from .frontend import (
+    END,
+    STOP,
+    Cancel,
+    Claim,
+    FrontEnd,
+    Item,
+    Notice,
+    Stop,
+    SubItem,
+    SubscriptionBase,
+    callback_name,
+)
 from .machine import Phase
 from .options import ClientOptions, Health
 from .router import Router
@@ -28,13 +33,16 @@ from .state import save_state
 
 __all__ = ["AsyncClient", "AsyncSubscription"]
 
-AsyncHandler = Callable[[ev.Message], Any]  # may return an awaitable
+AsyncHandler = Callable[[ev.Message], object]  # may return an awaitable
 
 _READ_SIZE = 256 * 1024
 
+P = ParamSpec("P")
 
-async def _call(func: Callable[..., Any], *args: Any) -> Any:
-    result = func(*args)
+
+async def _call(func: Callable[P, object], /, *args: P.args, **kwargs: P.kwargs) -> object:
+    """Call application code, awaiting what it returns when that is awaitable."""
+    result = func(*args, **kwargs)
     if inspect.isawaitable(result):
         result = await result
     return result
@@ -47,7 +55,7 @@ class AsyncSubscription(SubscriptionBase):
     def __init__(self, client: AsyncClient, topic: str, handler: AsyncHandler | None) -> None:
         super().__init__(topic, handler)
         self.client = client
-        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._queue: asyncio.Queue[SubItem] = asyncio.Queue()
 
     def __aiter__(self) -> AsyncIterator[ev.Message]:
         return self
@@ -83,9 +91,9 @@ class AsyncClient(FrontEnd):
 
     def __init__(self, options: ClientOptions | None = None, /, **overrides: Any) -> None:
         super().__init__(options, **overrides)
-        self._waiters: dict[int, asyncio.Future[None]] = {}
+        self._waiters: dict[int, asyncio.Future[dict[str, Any] | None]] = {}
         self._router: Router[AsyncSubscription] = Router()
-        self._inbox: asyncio.Queue[Any] = asyncio.Queue()
+        self._inbox: asyncio.Queue[Item[AsyncSubscription] | Stop] = asyncio.Queue()
         self._writer: asyncio.StreamWriter | None = None
         self._flush_scheduled = False
         self._registered = asyncio.Event()
@@ -152,7 +160,7 @@ class AsyncClient(FrontEnd):
         finally:
             self._close_done.set()
 
-    async def _close(self, me: asyncio.Task[Any] | None) -> None:
+    async def _close(self, me: asyncio.Task[object] | None) -> None:
         current = self._in_handler
         if current is not None and me in self._tasks and me.get_name() == "tether-dispatch":
             self._machine.handled(current)
@@ -229,6 +237,14 @@ class AsyncClient(FrontEnd):
         if req is not None:
             await self._wait(self._future(req), req, f"publish to {topic!r}")
 
+    async def stats(self) -> dict[str, Any]:
+        """The broker's counters (counter name -> int: docs/protocol.md, section 10)."""
+        self._check_usable()
+        req = self._machine.stats()
+        future = self._future(req)
+        self._schedule_flush()
+        return await self._wait(future, req, "stats") or {}
+
     # --- internals: requests and writing -------------------------------------------------
 
     def _buffered(self) -> int:
@@ -236,15 +252,18 @@ class AsyncClient(FrontEnd):
         pending = writer.transport.get_write_buffer_size() if writer is not None else 0
         return self._machine.buffered + pending
 
-    def _future(self, req: int) -> asyncio.Future[None]:
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    def _future(self, req: int) -> asyncio.Future[dict[str, Any] | None]:
+        future: asyncio.Future[dict[str, Any] | None] = asyncio.get_running_loop().create_future()
         self._waiters[req] = future
         return future
 
-    async def _wait(self, future: asyncio.Future[None], req: int, what: str) -> None:
+    async def _wait(
+        self, future: asyncio.Future[dict[str, Any] | None], req: int, what: str
+    ) -> dict[str, Any] | None:
+        """The request's result (for `stats`; else None), or its error raised."""
         timeout = self.options.request_timeout
         try:
-            await asyncio.wait_for(asyncio.shield(future), timeout)
+            return await asyncio.wait_for(asyncio.shield(future), timeout)
         except TimeoutError:
             self._waiters.pop(req, None)
             raise Timeout(
@@ -270,16 +289,16 @@ class AsyncClient(FrontEnd):
 
     # --- internals: events ---------------------------------------------------------------
 
-    def _to_dispatcher(self, item: object) -> None:
+    def _to_dispatcher(self, item: ev.Event) -> None:
         self._inbox.put_nowait(item)
 
-    def _settle(self, req: int, error: TetherError | None) -> None:
-        future = self._waiters.pop(req, None)
+    def _settle(self, answer: ev.RequestDone | ev.RequestFailed) -> None:
+        future = self._waiters.pop(answer.req, None)
         if future is not None and not future.done():
-            if error is not None:
-                future.set_exception(error)
+            if isinstance(answer, ev.RequestFailed):
+                future.set_exception(answer.error)
             else:
-                future.set_result(None)
+                future.set_result(answer.result)
 
     def _wake(self) -> None:
         self._changed.set()
@@ -375,7 +394,11 @@ class AsyncClient(FrontEnd):
             return None
         try:
             value = await _call(source)
-            return value if isinstance(value, Health) else Health(value)
+            if isinstance(value, Health):
+                return value
+            if not isinstance(value, str):
+                raise TypeError(f"a health callable returns a Health or a str, not {value!r}")
+            return Health(value)
         except Exception:
             self._log.exception("health_callable_failed")
             return None
@@ -396,7 +419,7 @@ class AsyncClient(FrontEnd):
                 await self._dispatch(item, done)
             await self._handled(done)
 
-    async def _dispatch(self, item: Any, done: list[ev.Message]) -> None:
+    async def _dispatch(self, item: Item[AsyncSubscription], done: list[ev.Message]) -> None:
         if isinstance(item, ev.Message):
             sub, drop = self._router.route(item)
             if sub is not None:
@@ -417,7 +440,7 @@ class AsyncClient(FrontEnd):
         elif isinstance(item, ev.Registered):
             await self._save_state()
         elif (notice := self._notice(item)) is not None:
-            await self._callback(*notice)
+            await self._callback(notice)
         elif isinstance(item, ev.Closed):
             self._end_subscriptions()
 
@@ -438,13 +461,11 @@ class AsyncClient(FrontEnd):
             self._in_handler = None
         done.append(message)
 
-    async def _callback(self, callback: Callable[[Any], Any] | None, arg: Any) -> None:
-        if callback is None:
-            return
+    async def _callback(self, notice: Notice) -> None:
         try:
-            await _call(callback, arg)
+            await _call(notice)
         except Exception:
-            self._log.exception("callback_failed", callback=getattr(callback, "__name__", "?"))
+            self._log.exception("callback_failed", callback=callback_name(notice))
 
     def _end_subscriptions(self) -> None:
         for sub in self._router.subscriptions():

@@ -1,10 +1,9 @@
 """The client's exceptions: one base class, one subclass per thing the application can act on.
-
-Every message ends with what to do about it, because these reach people through logs and
-tracebacks far from the code that raised them.
-"""
+Every message ends with what to do: they reach people through logs, far from their cause."""
 
 from __future__ import annotations
+
+from tether.protocol import ErrorCode
 
 __all__ = [
     "AuthFailed",
@@ -42,7 +41,8 @@ class Timeout(TetherError, TimeoutError):
 
 
 class Rejected(TetherError):
-    """The broker answered a request with an error; `code` is the broker's error code."""
+    """The broker answered a request with an error; `code` is the broker's error code (an
+    `ErrorCode`, or a plain str for a code newer than this client)."""
 
     code: str
     broker_message: str
@@ -59,7 +59,7 @@ class AuthFailed(Rejected):
 
     def __init__(self, username: str, broker_message: str = "wrong username or password") -> None:
         super().__init__(
-            "auth_failed",
+            ErrorCode.AUTH_FAILED,
             broker_message,
             hint=f"check the password of user {username!r} "
             "(the broker's admin adds users with `tether user add NAME --users PATH`)",
@@ -102,14 +102,14 @@ class StateFileError(TetherError):
 
 
 _DEFAULT_HINT = "see docs/protocol.md, section 5, for what the code means"
-_HINTS = {
-    "bad_request": "the client sent something the broker does not accept; check the topic "
+_HINTS: dict[str, str] = {
+    ErrorCode.BAD_REQUEST: "the client sent something the broker does not accept; check the topic "
     "(1..256 characters, no leading '$' for publish) and the payload size",
-    "conflict": "another session holds this client_id: resume it with the same state file, "
+    ErrorCode.CONFLICT: "another session holds this client_id: resume it with the same state file, "
     "pass takeover=True to replace it, or wait until it expires",
-    "rate_limited": "too many failed logins from this address: wait a minute and check the "
+    ErrorCode.RATE_LIMITED: "too many failed logins from this address: wait a minute and check the "
     "password",
-    "not_registered": "the connection was not registered yet; this is a client bug, please "
+    ErrorCode.NOT_REGISTERED: "the connection was not registered yet; this is a client bug, please "
     "report it",
-    "unknown_session": "the session is gone; the client registers afresh by itself",
+    ErrorCode.UNKNOWN_SESSION: "the session is gone; the client registers afresh by itself",
 }

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+from .errors import SessionLost as SessionLostError
+from .errors import TakenOver as TakenOverError
 from .errors import TetherError
 
 __all__ = [
@@ -58,19 +61,22 @@ class Dropped:
 class SessionLost:
     """The session was gone on return; a new, empty one replaced it (subscriptions restored)."""
 
-    error: TetherError
+    error: SessionLostError
 
 
 @dataclass(frozen=True, slots=True)
 class TakenOver:
     """Another connection took the session. A `Closed` follows: do not reconnect."""
 
-    error: TetherError
+    error: TakenOverError
 
 
 @dataclass(frozen=True, slots=True)
 class RequestDone:
+    """The broker answered request `req`; `result` is the map a `stats` request asked for."""
+
     req: int
+    result: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)

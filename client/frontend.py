@@ -4,8 +4,10 @@ and the read-only view of where the client stands. Neither does I/O here."""
 from __future__ import annotations
 
 import dataclasses
+import enum
+import functools
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Final, Generic, Literal, Protocol, TypeVar
 
 from . import events as ev
 from .errors import ClientClosed, Rejected, TetherError, Timeout
@@ -15,19 +17,40 @@ from .machine import ClientMachine, Phase
 from .options import ClientOptions
 from .state import load_state
 
-__all__ = ["END", "STOP", "Cancel", "Claim", "FrontEnd", "SubscriptionBase"]
+__all__ = [
+    "END",
+    "STOP",
+    "Cancel",
+    "Claim",
+    "FrontEnd",
+    "Item",
+    "Notice",
+    "Stop",
+    "SubItem",
+    "SubscriptionBase",
+    "callback_name",
+]
 
-END = object()  # ends a subscription's iterator
-STOP = object()  # ends the dispatcher
+
+class _Sentinel(enum.Enum):
+    END = "end"
+    STOP = "stop"
+
+
+END: Final = _Sentinel.END  # ends a subscription's iterator
+STOP: Final = _Sentinel.STOP  # ends the dispatcher
+Stop = Literal[_Sentinel.STOP]
+
+S = TypeVar("S", bound="SubscriptionBase")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class Claim:
+class Claim(Generic[S]):
     """For the dispatcher, in turn with the messages: `sub` now takes `topic`'s messages (so
     those held for the topic are handed over before any newer one)."""
 
     topic: str
-    sub: Any
+    sub: S
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -35,10 +58,28 @@ class Cancel:
     topic: str
 
 
+# What the dispatcher is given, in order; and what a subscription's own queue holds.
+Item = ev.Event | Claim[S] | Cancel
+SubItem = Message | Literal[_Sentinel.END]
+# An application callback bound to its argument, to run in the dispatcher.
+Notice = functools.partial[object]
+
+T = TypeVar("T")
+
+
+def _bind(callback: Callable[[T], object] | None, arg: T) -> Notice | None:
+    return functools.partial(callback, arg) if callback is not None else None
+
+
+def callback_name(notice: Notice) -> str:
+    """For logs: the name of the function a notice runs."""
+    return getattr(notice.func, "__name__", "?")
+
+
 class SubscriptionBase:
     """What a `Subscription` and an `AsyncSubscription` share; each adds its own queue."""
 
-    def __init__(self, topic: str, handler: Callable[[Message], Any] | None) -> None:
+    def __init__(self, topic: str, handler: Callable[[Message], object] | None) -> None:
         self.topic = topic
         self.handler = handler
         self._current: Message | None = None  # handed out, acked when the next is asked for
@@ -54,14 +95,13 @@ class SubscriptionBase:
             "that something publishes to it"
         )
 
-    def _take(self, item: Any) -> Message | None:
+    def _take(self, item: SubItem) -> Message | None:
         """What `get()` returns for an item from the queue: the message, or None at the end."""
         if item is END:
             self._ended = True
             return None
-        message: Message = item
-        self._current = message
-        return message
+        self._current = item
+        return item
 
 
 class _Flag(Protocol):
@@ -130,9 +170,7 @@ class FrontEnd:
             elif isinstance(event, ev.RequestDone | ev.RequestFailed):
                 if self._ping is not None and self._ping[0] == event.req:
                     self._ping = None
-                self._settle(
-                    event.req, event.error if isinstance(event, ev.RequestFailed) else None
-                )
+                self._settle(event)
             elif isinstance(event, ev.Registered):
                 self._ping = None
                 self._on_registered()
@@ -160,29 +198,29 @@ class FrontEnd:
             else:  # Dropped, SessionLost, TakenOver, BrokerError: for the dispatcher
                 self._to_dispatcher(event)
 
-    def _notice(self, item: object) -> tuple[Callable[[Any], Any] | None, object] | None:
-        """For the dispatcher: log an event the application hears of, and return the
-        callback to run with its argument (None when `item` is no such event)."""
+    def _notice(self, item: object) -> Notice | None:
+        """For the dispatcher: log an event the application hears of, and return its
+        callback bound to its argument (None: no such event, or no callback for it)."""
         o = self.options
         if isinstance(item, ev.Dropped):
             self._log.warning("messages_dropped", topic=item.topic, count=item.count)
-            return o.on_dropped, item
+            return _bind(o.on_dropped, item)
         if isinstance(item, ev.SessionLost):
             self._log.warning("session_lost", error=str(item.error))
-            return o.on_session_lost, item.error
+            return _bind(o.on_session_lost, item.error)
         if isinstance(item, ev.TakenOver):
-            return o.on_taken_over, item.error
+            return _bind(o.on_taken_over, item.error)
         if isinstance(item, ev.BrokerError):
             self._log.warning("broker_error", code=item.code, message=item.message)
-            return o.on_error, Rejected(item.code, item.message)
+            return _bind(o.on_error, Rejected(item.code, item.message))
         return None
 
-    def _to_dispatcher(self, item: object) -> None:
+    def _to_dispatcher(self, item: ev.Event) -> None:
         """Queue `item` for the dispatcher, which runs application code in order."""
         raise NotImplementedError
 
-    def _settle(self, req: int, error: TetherError | None) -> None:
-        """Wake whoever waits for request `req`: done, or failed with `error`."""
+    def _settle(self, answer: ev.RequestDone | ev.RequestFailed) -> None:
+        """Wake whoever waits for request `answer.req`, with its result or its error."""
         raise NotImplementedError
 
     def _wake(self) -> None:

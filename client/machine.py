@@ -1,9 +1,6 @@
-"""The connection logic of a Tether client, sans-IO: bytes and calls in, events and bytes out.
-
-Like h11, the machine owns no socket, thread, clock or task. A front end (`sync.Client`,
-`aio.AsyncClient`, a test) feeds it what the network did (`connection_made`, `receive_data`,
-`connection_lost`) and what the application asked for (`subscribe`, `publish`, `handled`,
-...), sends whatever `data_to_send()` returns, and acts on the events it gets back.
+"""The connection logic of a Tether client, sans-IO (like h11): what the network did and what
+the application asked for in, bytes to send and events out. No socket, thread, clock or task:
+the front ends (`sync.Client`, `aio.AsyncClient`) do the I/O (docs/client.md).
 
 Theory of operation:
 
@@ -40,9 +37,12 @@ from tether.protocol import (
     DELIVER_HEADROOM,
     Ack,
     BadRequest,
+    BrokerFrame,
     ClientFrame,
     Deliver,
     Error,
+    ErrorCode,
+    Frame,
     FrameDecoder,
     Ok,
     Ping,
@@ -50,6 +50,7 @@ from tether.protocol import (
     Publish,
     Register,
     Registered,
+    Stats,
     StatsResult,
     Subscribe,
     Unregister,
@@ -91,9 +92,21 @@ class MachineConfig:
     max_frame: int = DEFAULT_MAX_FRAME  # the broker's limit, which it does not announce
 
 
+class _Kind(enum.Enum):
+    """What a request waiting for its answer was."""
+
+    SUBSCRIBE = "subscribe"
+    RESUBSCRIBE = "resubscribe"  # sent by the machine for a fresh session: nobody waits
+    UNSUBSCRIBE = "unsubscribe"
+    PUBLISH = "publish"  # confirmed
+    PING = "ping"
+    UNREGISTER = "unregister"
+    STATS = "stats"
+
+
 @dataclass(slots=True)
 class _Pending:
-    kind: str  # subscribe, unsubscribe, publish, ping, unregister, stats, resubscribe
+    kind: _Kind
     frame: ClientFrame
     sent: bool = False
 
@@ -217,7 +230,7 @@ class ClientMachine:
         for req, p in list(self._pending.items()):
             if not p.sent:
                 continue
-            if p.kind == "ping":
+            if p.kind is _Kind.PING:
                 del self._pending[req]
                 events.append(
                     ev.RequestFailed(req, ConnectionFailed("the connection was lost: ping again"))
@@ -250,7 +263,7 @@ class ClientMachine:
             events.append(ev.Disconnect(f"the broker sent an undecodable frame: {fatal}"))
         return events
 
-    def receive_frame(self, frame: Any) -> list[ev.Event]:
+    def receive_frame(self, frame: BrokerFrame) -> list[ev.Event]:
         """One decoded broker frame (for front ends that decode themselves, and tests)."""
         events: list[ev.Event] = []
         if self._decoder is not None:
@@ -273,7 +286,7 @@ class ClientMachine:
         req = self._new_req()
         frame = Subscribe(req=req, topic=topic)  # validates the topic before anything changes
         self._topics[topic] = None
-        self._request("subscribe", frame, req)
+        self._request(_Kind.SUBSCRIBE, frame, req)
         return req
 
     def unsubscribe(self, topic: str) -> int:
@@ -281,7 +294,7 @@ class ClientMachine:
         req = self._new_req()
         frame = Unsubscribe(req=req, topic=topic)
         self._topics.pop(topic, None)
-        self._request("unsubscribe", frame, req)
+        self._request(_Kind.UNSUBSCRIBE, frame, req)
         return req
 
     def publish(self, topic: str, payload: bytes, *, confirm: bool = False) -> int | None:
@@ -291,7 +304,7 @@ class ClientMachine:
             self._send(Publish(topic=topic, payload=payload), None)
             return None
         req = self._new_req()
-        self._request("publish", Publish(topic=topic, payload=payload, req=req), req)
+        self._request(_Kind.PUBLISH, Publish(topic=topic, payload=payload, req=req), req)
         return req
 
     def ping(self, status: str | None = None, details: dict[str, Any] | None = None) -> int | None:
@@ -299,14 +312,21 @@ class ClientMachine:
         if self._phase is not Phase.READY:
             return None
         req = self._new_req()
-        self._request("ping", Ping(req=req, status=status, details=details), req)
+        self._request(_Kind.PING, Ping(req=req, status=status, details=details), req)
         return req
 
     def unregister(self) -> int:
         """End the session for good; `Closed(None)` follows the broker's `ok`."""
         self._check_open()
         req = self._new_req()
-        self._request("unregister", Unregister(req=req), req)
+        self._request(_Kind.UNREGISTER, Unregister(req=req), req)
+        return req
+
+    def stats(self) -> int:
+        """Ask for the broker's counters; the `RequestDone` of the returned req carries them."""
+        self._check_open()
+        req = self._new_req()
+        self._request(_Kind.STATS, Stats(req=req), req)
         return req
 
     def handled(self, message: ev.Message) -> None:
@@ -353,7 +373,7 @@ class ClientMachine:
         self._out.append(data)
         self._out_bytes += len(data)
 
-    def _request(self, kind: str, frame: ClientFrame, req: int) -> None:
+    def _request(self, kind: _Kind, frame: ClientFrame, req: int) -> None:
         self._pending[req] = _Pending(kind, frame)
         self._send(frame, req)
 
@@ -413,17 +433,20 @@ class ClientMachine:
         self._queued_bytes = 0
         events.append(ev.Closed(error))
 
-    def _receive(self, frame: Any, events: list[ev.Event]) -> None:
-        cls = frame.__class__
-        if cls is Deliver:
+    def _receive(self, frame: Frame, events: list[ev.Event]) -> None:
+        # Exact type checks, deliver first: this runs for every message. (`Frame`, not
+        # `BrokerFrame`: the decoder's signature; it was built to accept broker frames only.)
+        if type(frame) is Deliver:
             self._on_deliver(frame, events)
-        elif cls is Ok or cls is Pong or cls is StatsResult:
+        elif type(frame) is Ok or type(frame) is Pong:
             self._on_answer(frame.req, events)
-        elif cls is Registered:
+        elif type(frame) is StatsResult:
+            self._on_answer(frame.req, events, frame.stats)
+        elif type(frame) is Registered:
             self._on_registered(frame, events)
-        elif cls is Error:
+        elif type(frame) is Error:
             self._on_error(frame, events)
-        elif cls is DroppedFrame and self._phase is Phase.READY:
+        elif type(frame) is DroppedFrame and self._phase is Phase.READY:
             events.append(ev.Dropped(frame.topic, frame.count))
 
     def _on_deliver(self, f: Deliver, events: list[ev.Event]) -> None:
@@ -439,14 +462,16 @@ class ClientMachine:
         self._last_seen[topic] = seq
         events.append(ev.Message(topic, seq, f.payload, f.redelivered, self._epoch))
 
-    def _on_answer(self, req: int | None, events: list[ev.Event]) -> None:
+    def _on_answer(
+        self, req: int | None, events: list[ev.Event], result: dict[str, Any] | None = None
+    ) -> None:
         if req is None or self._phase is not Phase.READY:
             return
         p = self._pending.pop(req, None)
-        if p is None or p.kind == "resubscribe":
+        if p is None or p.kind is _Kind.RESUBSCRIBE:
             return
-        events.append(ev.RequestDone(req))
-        if p.kind == "unregister":
+        events.append(ev.RequestDone(req, result))
+        if p.kind is _Kind.UNREGISTER:
             self._session_id = self._token = None
             self._handled.clear()
             self._state_dirty = True
@@ -477,13 +502,13 @@ class ClientMachine:
             waiting = {
                 p.frame.topic
                 for p in self._pending.values()
-                if p.kind in ("subscribe", "resubscribe") and isinstance(p.frame, Subscribe)
+                if p.kind in (_Kind.SUBSCRIBE, _Kind.RESUBSCRIBE) and isinstance(p.frame, Subscribe)
             }
             for topic in self._topics:
                 if topic not in waiting:
                     sub_req = self._new_req()
                     sub = Subscribe(req=sub_req, topic=topic)
-                    self._pending[sub_req] = _Pending("resubscribe", sub)
+                    self._pending[sub_req] = _Pending(_Kind.RESUBSCRIBE, sub)
                     front.append((sub, sub_req, _size(sub)))
         if f.dropped:
             events.append(ev.Dropped(None, f.dropped))
@@ -502,14 +527,14 @@ class ClientMachine:
             return
         p = self._pending.pop(req, None) if req is not None else None
         if p is not None and req is not None:
-            if p.kind in ("subscribe", "resubscribe") and isinstance(p.frame, Subscribe):
+            if p.kind in (_Kind.SUBSCRIBE, _Kind.RESUBSCRIBE) and isinstance(p.frame, Subscribe):
                 self._topics.pop(p.frame.topic, None)
-            if p.kind == "resubscribe":
+            if p.kind is _Kind.RESUBSCRIBE:
                 events.append(ev.BrokerError(code, f.message))
             else:
                 events.append(ev.RequestFailed(req, Rejected(code, f.message)))
             return
-        if code == "taken_over":
+        if code == ErrorCode.TAKEN_OVER:
             error = TakenOver(self.config.client_id)
             events.append(ev.TakenOver(error))
             self._finish(error, events)
@@ -519,11 +544,11 @@ class ClientMachine:
     def _on_register_error(self, f: Error, events: list[ev.Event]) -> None:
         self._register_req = None
         code = f.code
-        if code == "unknown_session" and self._session_id is not None:
+        if code == ErrorCode.UNKNOWN_SESSION and self._session_id is not None:
             lost = self._session_id
             self._session_id = self._token = None
             self._state_dirty = True
-            unregister = [r for r, p in self._pending.items() if p.kind == "unregister"]
+            unregister = [r for r, p in self._pending.items() if p.kind is _Kind.UNREGISTER]
             if unregister:
                 # The unregister went through before the connection was lost: done.
                 del self._pending[unregister[0]]
@@ -534,11 +559,11 @@ class ClientMachine:
             self._lost_session = lost
             self._send_register()  # fresh, on the same connection
             return
-        if code == "rate_limited":
+        if code == ErrorCode.RATE_LIMITED:
             events.append(ev.Disconnect("the broker is rate-limiting logins from this address"))
             return
         error: TetherError
-        if code == "auth_failed":
+        if code == ErrorCode.AUTH_FAILED:
             error = AuthFailed(self.config.username, f.message)
         else:
             error = Rejected(code, f.message)

@@ -57,10 +57,10 @@ class ClientOptions:
     max_buffer: int = 8 << 20  # bytes queued for sending before publish() blocks
     health: HealthSource | None = None
     # Called from the client's dispatcher (in order with the messages), never concurrently.
-    on_session_lost: Callable[[SessionLost], Any] | None = None
-    on_dropped: Callable[[Dropped], Any] | None = None
-    on_taken_over: Callable[[TakenOver], Any] | None = None
-    on_error: Callable[[TetherError], Any] | None = None
+    on_session_lost: Callable[[SessionLost], object] | None = None
+    on_dropped: Callable[[Dropped], object] | None = None
+    on_taken_over: Callable[[TakenOver], object] | None = None
+    on_error: Callable[[TetherError], object] | None = None
 
     def __post_init__(self) -> None:
         for name in ("request_timeout", "connect_timeout"):

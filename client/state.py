@@ -1,22 +1,15 @@
-"""The optional state file: what a restarted process needs to resume its session.
-
-It holds the session id, the newest resume token and, per topic, the last seq the application
-finished handling. It is replaced atomically (temp file, fsync, rename, fsync of the directory)
-so a crash at any moment leaves either the old or the new file, never a torn one.
-
-The recorded seq is the last one *handled*, never one merely received, so a restarted process
-can only see a message again (at-least-once), never skip one.
-"""
+"""The optional state file: what a restarted process needs to resume its session (session id,
+newest resume token, last seq *handled* per topic), replaced atomically. See docs/client.md."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from tether.files import write_atomic
 
 from .errors import StateFileError
 
@@ -68,7 +61,7 @@ def load_state(path: str | os.PathLike[str], client_id: str) -> SavedState | Non
     return state
 
 
-def _parse(data: Any) -> SavedState:
+def _parse(data: object) -> SavedState:
     if not isinstance(data, dict) or data.get("version") != _VERSION:
         raise ValueError(f"not a version {_VERSION} Tether client state")
     session_id, token = data.get("session_id"), data.get("resume_token")
@@ -93,27 +86,4 @@ def _parse(data: Any) -> SavedState:
 
 def save_state(path: str | os.PathLike[str], state: SavedState) -> None:
     """Replace the file at `path` atomically and durably. Mode 0600: it holds a credential."""
-    path = Path(path)
-    data = json.dumps(state.to_json(), separators=(",", ":")).encode()
-    directory = path.parent
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    # The rename is durable only once the directory entry is on disk.
-    try:
-        dir_fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        with contextlib.suppress(OSError):
-            os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_atomic(path, json.dumps(state.to_json(), separators=(",", ":")).encode(), 0o600)

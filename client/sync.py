@@ -1,17 +1,6 @@
-"""`Client`: the blocking front end of the connection state machine, on plain threads.
-
-Three threads per client, each with one job:
-
-- the reader ("tether-reader") connects, feeds what it reads to the machine, and on any loss
-  of the connection waits a backoff delay and connects again (the machine then resumes);
-- the writer ("tether-keepalive") sends what the machine has queued, all of it in one write
-  (so a burst of publishes or acks becomes few segments), and pings at the keepalive
-  interval with the application's health report; an unanswered ping drops the connection;
-- the dispatcher ("tether-dispatch") runs the application's handlers and callbacks, one at a
-  time, in the order the broker sent them, then acks what they finished, once per batch.
-
-The machine is only touched under `self._lock`; no application code runs under it.
-"""
+"""`Client`: the blocking front end of the connection state machine, on three threads (reader,
+writer and keepalive, dispatcher: docs/client.md). The machine is touched only under
+`self._lock`, and no application code ever runs under that lock."""
 
 from __future__ import annotations
 
@@ -24,8 +13,20 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from . import events as ev
-from .errors import ClientClosed, ConnectionFailed, TetherError, Timeout
-from .frontend import END, STOP, Cancel, Claim, FrontEnd, SubscriptionBase
+from .errors import ClientClosed, ConnectionFailed, Timeout
+from .frontend import (
+    END,
+    STOP,
+    Cancel,
+    Claim,
+    FrontEnd,
+    Item,
+    Notice,
+    Stop,
+    SubItem,
+    SubscriptionBase,
+    callback_name,
+)
 from .machine import Phase
 from .options import ClientOptions, read_health
 from .router import Router
@@ -33,7 +34,7 @@ from .state import save_state
 
 __all__ = ["Client", "Subscription"]
 
-Handler = Callable[[ev.Message], Any]
+Handler = Callable[[ev.Message], object]
 
 _READ_SIZE = 256 * 1024
 
@@ -45,7 +46,7 @@ class Subscription(SubscriptionBase):
     def __init__(self, client: Client, topic: str, handler: Handler | None) -> None:
         super().__init__(topic, handler)
         self.client = client
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[SubItem] = queue.SimpleQueue()
 
     def __iter__(self) -> Iterator[ev.Message]:
         return self
@@ -76,16 +77,16 @@ class Subscription(SubscriptionBase):
             message, self._current = self._current, None
             self.client._handled([message])
 
-    def _push(self, item: Any) -> None:
+    def _push(self, item: SubItem) -> None:
         self._queue.put(item)
 
 
 class _Waiter:
-    __slots__ = ("done", "error")
+    __slots__ = ("answer", "done")
 
     def __init__(self) -> None:
         self.done = threading.Event()
-        self.error: TetherError | None = None
+        self.answer: ev.RequestDone | ev.RequestFailed | None = None
 
 
 class Client(FrontEnd):
@@ -102,7 +103,7 @@ class Client(FrontEnd):
         self._state_lock = threading.Lock()
         self._waiters: dict[int, _Waiter] = {}
         self._router: Router[Subscription] = Router()
-        self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[Item[Subscription] | Stop] = queue.SimpleQueue()
         self._sock: socket.socket | None = None
         self._registered = threading.Event()
         self._ended = threading.Event()  # the machine is closed: no more connections
@@ -257,6 +258,15 @@ class Client(FrontEnd):
         if waiter is not None and req is not None:
             self._wait(waiter, req, f"publish to {topic!r}")
 
+    def stats(self) -> dict[str, Any]:
+        """The broker's counters (counter name -> int: docs/protocol.md, section 10)."""
+        with self._cond:
+            self._check_usable()
+            req = self._machine.stats()
+            waiter = self._waiter(req)
+            self._cond.notify_all()
+        return self._wait(waiter, req, "stats") or {}
+
     # --- internals: requests -------------------------------------------------------------
 
     def _waiter(self, req: int) -> _Waiter:
@@ -264,7 +274,8 @@ class Client(FrontEnd):
         self._waiters[req] = waiter
         return waiter
 
-    def _wait(self, waiter: _Waiter, req: int, what: str) -> None:
+    def _wait(self, waiter: _Waiter, req: int, what: str) -> dict[str, Any] | None:
+        """The request's result (for `stats`; else None), or its error raised."""
         timeout = self.options.request_timeout
         if not waiter.done.wait(timeout):
             with self._lock:
@@ -273,21 +284,23 @@ class Client(FrontEnd):
                 f"no answer from the broker to {what} within {timeout:g} s (the client keeps "
                 "trying): check the connection, or raise request_timeout"
             )
-        if waiter.error is not None:
-            raise waiter.error
+        answer = waiter.answer
+        if isinstance(answer, ev.RequestFailed):
+            raise answer.error
+        return answer.result if answer is not None else None
 
     def _thread(self, name: str) -> threading.Thread | None:
         return next((t for t in self._threads if t.name == name), None)
 
     # --- internals: events (called with the lock held; no application code here) --------
 
-    def _to_dispatcher(self, item: object) -> None:
+    def _to_dispatcher(self, item: ev.Event) -> None:
         self._inbox.put(item)
 
-    def _settle(self, req: int, error: TetherError | None) -> None:
-        waiter = self._waiters.pop(req, None)
+    def _settle(self, answer: ev.RequestDone | ev.RequestFailed) -> None:
+        waiter = self._waiters.pop(answer.req, None)
         if waiter is not None:
-            waiter.error = error
+            waiter.answer = answer
             waiter.done.set()
 
     def _wake(self) -> None:
@@ -448,7 +461,7 @@ class Client(FrontEnd):
                 self._dispatch(item, done)
             self._handled(done)
 
-    def _dispatch(self, item: Any, done: list[ev.Message]) -> None:
+    def _dispatch(self, item: Item[Subscription], done: list[ev.Message]) -> None:
         if isinstance(item, ev.Message):
             sub, drop = self._router.route(item)
             if sub is not None:
@@ -458,7 +471,7 @@ class Client(FrontEnd):
         elif isinstance(item, ev.Registered):
             self._save_state()
         elif (notice := self._notice(item)) is not None:
-            self._callback(*notice)
+            self._callback(notice)
         elif isinstance(item, Claim):
             with self._lock:
                 old = self._router.get(item.topic)
@@ -498,13 +511,11 @@ class Client(FrontEnd):
             self._in_handler = None
         done.append(message)
 
-    def _callback(self, callback: Callable[[Any], Any] | None, arg: Any) -> None:
-        if callback is None:
-            return
+    def _callback(self, notice: Notice) -> None:
         try:
-            callback(arg)
+            notice()
         except Exception:
-            self._log.exception("callback_failed", callback=getattr(callback, "__name__", "?"))
+            self._log.exception("callback_failed", callback=callback_name(notice))
 
     def _handled(self, messages: list[ev.Message]) -> None:
         """Mark messages handled and ack them (one ack per topic), then save the state."""

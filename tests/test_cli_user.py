@@ -15,9 +15,11 @@ from typing import Any
 import pytest
 import structlog
 
-from tether.broker.cli import main
+from tether import __version__
+from tether.broker.config import BrokerConfig
 from tether.broker.passwords import verify_password
 from tether.broker.users import UserStore
+from tether.cli import main
 
 COST = "4"
 
@@ -214,3 +216,18 @@ def test_serve_refuses_a_malformed_users_file(
     assert main(["serve", "--users", str(path), "--log-format", "console"]) == 1
     assert fake_server == []
     assert "malformed" in capsys.readouterr().err
+
+
+def test_serve_defaults_are_the_broker_configs(
+    fake_server: list[Any], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = tmp_path / "users.json"
+    assert main(["serve", "--users", str(path)]) == 0
+    assert fake_server == [BrokerConfig(users_path=path, log_format="json")]
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out == f"tether {__version__}\n"

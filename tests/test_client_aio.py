@@ -59,6 +59,21 @@ def test_publish_subscribe_iterate_and_close_twice(broker: Broker) -> None:
     asyncio.run(main())
 
 
+def test_stats_returns_the_broker_counters(broker: Broker) -> None:
+    async def main() -> None:
+        async with aclient(broker, "stats") as a:
+            await a.publish("t", "x", confirm=True)
+            stats = await a.stats()
+            assert stats["sessions"] == 1
+            assert stats["connected"] == 1
+            assert stats["published"] == 1
+            assert stats["bcrypt_hashes"] >= 1
+        with pytest.raises(ClientClosed):
+            await a.stats()
+
+    asyncio.run(main())
+
+
 def test_auth_failed_and_conflict(broker: Broker) -> None:
     async def main() -> None:
         with pytest.raises(AuthFailed):

@@ -31,6 +31,8 @@ from tether.protocol import (
     Publish,
     Register,
     Registered,
+    Stats,
+    StatsResult,
     Subscribe,
     Unregister,
     Unsubscribe,
@@ -274,6 +276,18 @@ def test_unregister_ok_closes_cleanly() -> None:
     req = machine.unregister()
     sent(machine)
     assert feed(machine, Ok(req=req)) == [ev.RequestDone(req), ev.Closed(None)]
+
+
+def test_stats_waits_for_a_session_and_its_answer_carries_the_counters() -> None:
+    machine = ClientMachine(CONFIG)
+    req = machine.stats()
+    machine.connection_made()
+    (reg,) = sent(machine)
+    feed(machine, registered(reg.req))  # type: ignore[union-attr]
+    assert sent(machine) == [Stats(req=req)]
+    counters = {"sessions": 1, "queued": 0}
+    assert feed(machine, StatsResult(req=req, stats=counters)) == [ev.RequestDone(req, counters)]
+    assert machine.pending_requests == frozenset()
 
 
 def test_drops_reach_the_application() -> None:

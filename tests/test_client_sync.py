@@ -51,6 +51,20 @@ def test_publish_subscribe_and_confirm(broker: Broker) -> None:
     ]
 
 
+def test_stats_returns_the_broker_counters(broker: Broker) -> None:
+    with client(broker, "stats") as c:
+        c.subscribe("t")
+        c.publish("t", "x", confirm=True)
+        stats = c.stats()
+        assert stats["sessions"] == 1
+        assert stats["connected"] == 1
+        assert stats["topics"] == 1
+        assert stats["published"] == 1
+        assert stats["bcrypt_hashes"] >= 1
+    with pytest.raises(ClientClosed):
+        c.stats()
+
+
 def test_close_is_idempotent_and_later_calls_say_closed(broker: Broker) -> None:
     c = client(broker, "idem").connect()
     c.close()
