@@ -254,7 +254,8 @@ class Stats:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Registered:
-    """Reply to `register`: `queued`/`dropped` count messages kept/lost while away."""
+    """Reply to `register`: `queued`/`dropped` count messages kept/lost while away;
+    `max_frame` is the largest frame the broker accepts (absent from older brokers)."""
 
     type: ClassVar[str] = "registered"
     req: int
@@ -265,6 +266,7 @@ class Registered:
     expiry: int
     queued: int
     dropped: int
+    max_frame: int | None = None
 
     def __post_init__(self) -> None:
         t = "registered"
@@ -276,6 +278,8 @@ class Registered:
         _int(t, "expiry", self.expiry, 0)
         _int(t, "queued", self.queued, 0)
         _int(t, "dropped", self.dropped, 0)
+        if self.max_frame is not None:
+            _int(t, "max_frame", self.max_frame, 1)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
