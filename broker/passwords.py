@@ -76,6 +76,12 @@ def dummy_hash(cost: int = DEFAULT_COST) -> str:
         return _dummies[cost]
 
 
+def is_valid_hash(stored: str) -> bool:
+    """Whether `stored` has the shape `hash_password` writes (checked when a users file loads)."""
+    bcrypt_hash = stored[len(SCHEME_PREFIX) :] if stored.startswith(SCHEME_PREFIX) else ""
+    return _BCRYPT_RE.fullmatch(bcrypt_hash) is not None
+
+
 def cost_of(stored: str) -> int:
     """The bcrypt cost of a stored hash, or the default for one that is malformed."""
     bcrypt_hash = stored[len(SCHEME_PREFIX) :] if stored.startswith(SCHEME_PREFIX) else ""

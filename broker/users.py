@@ -21,7 +21,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from tether.broker.passwords import DEFAULT_COST, hash_password
+from tether.broker.passwords import DEFAULT_COST, hash_password, is_valid_hash
 from tether.files import write_atomic
 
 __all__ = [
@@ -147,6 +147,12 @@ def _parse(raw: bytes, path: Path) -> dict[str, UserRecord]:
             raise bad(f'user {name!r}: "hash" must be a non-empty string')
         if not isinstance(created, str):
             raise bad(f'user {name!r}: "created" must be a string')
+        if not is_valid_hash(hash_):
+            # Caught here, not at every login: such a user could never log in.
+            raise bad(
+                f'user {name!r}: "hash" is not a bcrypt-sha256 hash as `tether user add` '
+                "writes (set the password again with: tether user add NAME --replace)"
+            )
         records[name] = UserRecord(hash=hash_, created=created)
     return records
 

@@ -124,6 +124,9 @@ def test_empty_password_is_refused(tmp_path: Path) -> None:
         (b'{"version": 1, "users": {"a": {"created": "x"}}}', "hash"),
         (b'{"version": 1, "users": {"a": {"hash": "h"}}}', "created"),
         (b'{"version": 1, "users": {"a\\u0001": {"hash": "h", "created": "x"}}}', "control"),
+        # Not a hash `user add` writes: refused at load, not found out at every login.
+        (b'{"version": 1, "users": {"a": {"hash": "h", "created": "x"}}}', "'a'.*not a bcrypt"),
+        (b'{"version": 1, "users": {"a": {"hash": "$2b$12$abc", "created": "x"}}}', "bcrypt"),
     ],
 )
 def test_malformed_file_names_the_path(tmp_path: Path, content: bytes, why: str) -> None:
