@@ -148,7 +148,8 @@ class ListenerClosed:
     conn_id: int
 
 
-# Anyone -> any manager: a snapshot of counters, for `ask` from outside the loop.
+# Outside the loop -> an actor that owns counters (the ListenerManager, the BrokerSupervisor,
+# the SubscriberManager): a snapshot of them, for `ask`. Each counter has one owner.
 @dataclass(frozen=True, slots=True)
 class GetStats:
     pass

@@ -1,15 +1,13 @@
 """One subscription's dead-letter queue: pure data, no I/O, no actors.
 
-Theory of operation: every message published to the subscription gets the next `seq` and goes
-to `pending`. Sending moves it to `unacked` (at most `window` of them at once); a cumulative ack
-removes it from `unacked`. Both deques are in seq order and `unacked` is all older than
-`pending`; together they are what the bound counts. On overflow the oldest *unsent* message
-goes, so a gap in seqs is always exactly what was counted as dropped.
-
-When the connection goes away, `unacked` is put back in front of `pending` and remembered in
-`redeliver_upto`: sending those again flags them `redelivered`, with their original seq, before
-anything newer. Order is therefore the queue's order on every connection, and live traffic
-never overtakes a drain.
+Theory of operation (docs/architecture.md section 8): every message published to the
+subscription gets the next `seq` and goes to `pending`. Sending moves it to `unacked` (at most
+`window` of them at once); a cumulative ack removes it from `unacked`. Both deques are in seq
+order and `unacked` is all older than `pending`; together they are what the bound counts. On
+overflow the oldest *unsent* message goes, so a gap in seqs is always exactly what was counted
+as dropped. When the connection goes away, `unacked` is put back in front of `pending` and
+remembered in `redeliver_upto` (sent again flagged `redelivered`, before anything newer), so
+the queue's order is the delivery order on every connection.
 """
 
 from __future__ import annotations
@@ -19,15 +17,11 @@ from collections import deque
 from collections.abc import Sequence
 from itertools import islice
 from operator import itemgetter
-from typing import NamedTuple
+
+__all__ = ["SubscriptionQueue"]
 
 _seq_of = itemgetter(0)
 _payload_of = itemgetter(1)
-
-
-class Entry(NamedTuple):
-    seq: int
-    payload: bytes
 
 
 class SubscriptionQueue:
@@ -137,21 +131,14 @@ class SubscriptionQueue:
             popleft()
         return removed
 
-    def take(self) -> Entry | None:
-        """The next message to send, now counted as sent and unacked (None: nothing to send,
-        or the delivery window is full until an ack)."""
-        if not self.pending or len(self.unacked) >= self.window:
-            return None
-        entry = self.pending.popleft()
-        self.unacked.append(entry)
-        return Entry(*entry)
-
     def sendable(self) -> int:
-        """How many messages `take` would hand out one after the other, at most."""
+        """How many of the oldest unsent messages may be sent now: the delivery window's room
+        (`unacked` holds at most `window`), or all of `pending` if less."""
         return max(0, min(len(self.pending), self.window - len(self.unacked)))
 
     def take_many(self, count: int) -> None:
-        """`take` the next `count` messages (at most `sendable()`), all at once."""
+        """Count the next `count` messages (at most `sendable()`) as sent: the head of
+        `pending` moves to the tail of `unacked`, all at once."""
         pending, unacked = self.pending, self.unacked
         if count == len(pending):
             unacked.extend(pending)
@@ -167,6 +154,3 @@ class SubscriptionQueue:
             self.redeliver_upto = max(self.redeliver_upto, self.unacked[-1][0])
             self.pending.extendleft(reversed(self.unacked))
             self.unacked.clear()
-
-    def is_redelivery(self, seq: int) -> bool:
-        return seq <= self.redeliver_upto

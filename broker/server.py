@@ -10,6 +10,7 @@ from typing import Any, cast
 
 import pykka.debug
 import structlog
+from pykka import ActorRef
 
 from tether.broker.config import BrokerConfig
 from tether.broker.listener_manager import ListenerManager, StartListening, StopListening
@@ -22,6 +23,10 @@ from tether.broker.users import UserStore
 
 _log = structlog.get_logger("tether.server")
 
+# The actors that own counters, asked in turn by `Broker.stats()`. The SessionManager owns
+# none: the SubscriberManager counts sessions and expiries from its messages.
+_REPORTING = ("listeners", "supervisor", "subscribers")
+
 
 class Broker:
     """A running broker. `start()` returns the address it listens on; `stop()` ends it."""
@@ -31,7 +36,7 @@ class Broker:
         self._users = users
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._refs: dict[str, Any] = {}
+        self._refs: dict[str, ActorRef[Any]] = {}
         self.address: tuple[str, int] | None = None
 
     def start(self) -> tuple[str, int]:
@@ -83,10 +88,21 @@ class Broker:
         self.address = future.result(timeout=10)
         return self.address
 
-    def stats(self) -> dict[str, Any]:
-        merged: dict[str, Any] = {}
-        for ref in self._refs.values():
-            merged.update(ref.ask(GetStats(), timeout=10))
+    def stats(self) -> dict[str, int]:
+        """Every actor's counters, merged. Each counter has one owner (docs/architecture.md
+        section 2): a name two actors report is a bug, refused here rather than overwritten."""
+        merged: dict[str, int] = {}
+        owners: dict[str, str] = {}
+        for name in _REPORTING:
+            ref = self._refs.get(name)
+            if ref is None:
+                continue  # not started, or stopped
+            counters = cast("dict[str, int]", ref.ask(GetStats(), timeout=10))
+            for key, value in counters.items():
+                if key in owners:
+                    raise RuntimeError(f"counter {key!r} reported by both {owners[key]} and {name}")
+                owners[key] = name
+                merged[key] = value
         return merged
 
     def stop(self) -> None:

@@ -1,27 +1,25 @@
-"""SessionManager: creates, reclaims, takes over and expires sessions.
+"""SessionManager: creates, resumes, takes over and expires sessions; never waits on anyone.
+See docs/architecture.md sections 6 and 9.
 
-Theory of operation: a session belongs to one `client_id` and one user, and is bound to at most
-one connection at a time, named by its `conn_id`. Every event that names a connection (a lost
-connection, a heartbeat, an unregister) is checked against the session's current `conn_id`, so
-a late event from a replaced connection never touches its successor. Binding a new connection
-(create, resume, takeover) goes to the SubscriberManager as `Attach`, which answers
-`registered` and drains the queues; the SessionManager itself never waits on anyone.
-
-A session without a connection has one cleanup timer. Each timer carries the session's
-`generation`, bumped whenever the session is rebound, so a timer that fires after a resume is
-recognised as stale and ignored.
+Theory of operation: a session is bound to at most one connection, named by its `conn_id`, and
+every event that names a connection is checked against it, so a late event from a replaced
+connection never touches its successor. A session without a connection has one cleanup timer,
+carrying the session's `generation` (bumped at every bind and every arming), so a timer that
+fires after a resume is recognised as stale and ignored.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
+from pykka import ActorRef
 
 from tether.broker.loop_actor import LoopActor, tell
 from tether.broker.messages import (
@@ -31,13 +29,15 @@ from tether.broker.messages import (
     Detach,
     DropSession,
     EndSession,
-    GetStats,
     Heartbeat,
     OpenSession,
     RegisterRejected,
     TakenOver,
 )
 from tether.protocol import ErrorCode, Register
+
+if TYPE_CHECKING:
+    from tether.broker.subscribers import SubscriberManager
 
 _log = structlog.get_logger("tether.sessions")
 
@@ -87,10 +87,10 @@ class SessionManager(LoopActor):
 
     def __init__(
         self,
-        loop: Any,
+        loop: asyncio.AbstractEventLoop,
         loop_thread: int,
         *,
-        subscriber_manager: Any,
+        subscriber_manager: ActorRef[SubscriberManager],
         session_expiry: float,
         call_later: Callable[[float, Callable[[], None]], Cancellable] | None = None,
     ) -> None:
@@ -101,9 +101,8 @@ class SessionManager(LoopActor):
         self._call_later = call_later or loop.call_later
         self._sessions: dict[str, Session] = {}
         self._by_client: dict[str, str] = {}
-        self.expired = 0
 
-    def on_receive(self, message: Any) -> Any:
+    def on_receive(self, message: object) -> object:
         match message:
             case OpenSession():
                 self._on_open(message)
@@ -148,10 +147,7 @@ class SessionManager(LoopActor):
                     and session.generation == generation
                     and session.conn is None
                 ):
-                    self.expired += 1
                     self._remove(session, "expired")
-            case GetStats():
-                return {"sessions": len(self._sessions), "expired": self.expired}
             case _:
                 return super().on_receive(message)
         return None

@@ -1,30 +1,34 @@
-"""BrokerSupervisor: authenticates registrations, off the loop.
-
-A fresh `register` is checked against the users file by bcrypt in a small thread pool (bcrypt
-releases the GIL, so hashing never stalls the loop that routes messages); the result comes back
-to this actor as a message and the request goes on to the SessionManager. A resume carries a
-session id and token instead: it goes straight on, with no hash at all. Repeated failures from
-one address are answered `rate_limited`, after a delay, instead of `auth_failed`, and such an
-address gets at most two checks at a time (a flood beyond that is refused outright). Within
-that, a correct password still logs in: devices that share one NAT address keep working while
-a neighbour has a wrong password.
+"""BrokerSupervisor: authenticates registrations (bcrypt in a small pool, off the loop) and
+rate-limits failed logins per address; a resume goes straight on to the SessionManager.
+See docs/architecture.md sections 3 ("bcrypt off the loop") and 11.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import structlog
+from pykka import ActorRef
 
 from tether.broker import passwords
 from tether.broker.loop_actor import LoopActor, tell
-from tether.broker.messages import GetStats, OpenSession, RegisterRejected, RegisterRequest
+from tether.broker.messages import (
+    ConnHandle,
+    GetStats,
+    OpenSession,
+    RegisterRejected,
+    RegisterRequest,
+)
 from tether.broker.ratelimit import FailureLimiter
 from tether.broker.users import UserStore
 from tether.protocol import ErrorCode
+
+if TYPE_CHECKING:
+    from tether.broker.sessions import SessionManager
 
 _log = structlog.get_logger("tether.supervisor")
 
@@ -50,11 +54,11 @@ class BrokerSupervisor(LoopActor):
 
     def __init__(
         self,
-        loop: Any,
+        loop: asyncio.AbstractEventLoop,
         loop_thread: int,
         *,
         users: UserStore,
-        session_manager: Any,
+        session_manager: ActorRef[SessionManager],
         auth_workers: int,
         limiter: FailureLimiter,
         failure_penalty: float = 1.0,
@@ -76,7 +80,7 @@ class BrokerSupervisor(LoopActor):
     def on_stop(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def on_receive(self, message: Any) -> Any:
+    def on_receive(self, message: object) -> object:
         match message:
             case RegisterRequest(frame=frame, conn=conn):
                 if frame.session_id is not None:
@@ -125,17 +129,17 @@ class BrokerSupervisor(LoopActor):
                         ),
                     )
             case GetStats():
+                # `bcrypt_hashes` is the SubscriberManager's to report, with the stats frame.
                 return {
                     "auth_ok": self.auth_ok,
                     "auth_failed": self.auth_failed,
                     "rate_limited": self.rate_limited,
-                    "bcrypt_hashes": passwords.hash_count(),
                 }
             case _:
                 return super().on_receive(message)
         return None
 
-    def _refuse(self, req: int, conn: Any) -> None:
+    def _refuse(self, req: int, conn: ConnHandle) -> None:
         self.rate_limited += 1
         tell(
             conn.ref,

@@ -7,6 +7,9 @@ unacked; a requeue makes them all unsent again, to be flagged as redeliveries). 
 the oldest unsent message, or the oldest sent one when only the newest is unsent, never the
 newest. Every pushed message is tracked until it is acked or dropped: seqs held are strictly
 increasing, and every gap between them is a counted drop.
+
+The broker sends through `sendable`/`take_many` and flags redeliveries by `redeliver_upto`;
+`take` and `is_redelivery` below are those, one message at a time.
 """
 
 from __future__ import annotations
@@ -22,9 +25,24 @@ from hypothesis.stateful import (
     rule,
 )
 
-from tether.broker.queues import Entry, SubscriptionQueue
+from tether.broker.queues import SubscriptionQueue
 
 payloads = st.binary(max_size=12)
+
+
+def take(q: SubscriptionQueue) -> tuple[int, bytes] | None:
+    """The next message to send, now counted as sent and unacked (None: nothing to send, or
+    the delivery window is full until an ack)."""
+    if not q.sendable():
+        return None
+    entry = q.pending[0]
+    q.take_many(1)
+    return entry
+
+
+def is_redelivery(q: SubscriptionQueue, seq: int) -> bool:
+    """Whether a delivery of `seq` goes out flagged `redelivered`."""
+    return seq <= q.redeliver_upto
 
 
 @dataclass
@@ -96,7 +114,7 @@ class QueueMachine(RuleBasedStateMachine):
         dropped = q.push(payload, connected=connected)
         assert dropped == self._model_push(payload, connected)
         # The newest message is always kept, under the seq it was given in push order.
-        assert q.pending and q.pending[-1] == Entry(seq, payload), "newest message dropped"
+        assert q.pending and q.pending[-1] == (seq, payload), "newest message dropped"
         assert q.next_seq == self.next_seq
 
     @rule(batch=st.lists(payloads, min_size=1, max_size=8), connected=st.booleans())
@@ -119,10 +137,10 @@ class QueueMachine(RuleBasedStateMachine):
         sendable = min(len(self.held) - self.n_sent, max(0, q.window - self.n_sent))
         assert q.sendable() == sendable
         count = data.draw(st.integers(0, sendable), label="count")
-        expected = [Entry(h.seq, h.payload) for h in self.held[self.n_sent : self.n_sent + count]]
+        expected = [(h.seq, h.payload) for h in self.held[self.n_sent : self.n_sent + count]]
         assert list(q.pending)[:count] == expected
         for h in self.held[self.n_sent : self.n_sent + count]:
-            assert q.is_redelivery(h.seq) == (h.sends > 0)
+            assert is_redelivery(q, h.seq) == (h.sends > 0)
             h.sends += 1
         q.take_many(count)
         self.n_sent += count
@@ -130,16 +148,16 @@ class QueueMachine(RuleBasedStateMachine):
     @rule()
     def take(self) -> None:
         q = self.queue
-        entry = q.take()
+        entry = take(q)
         # At most `window` sent and unacked at once (a delivery window).
         assert 1 <= q.window <= q.max_count
         if self.n_sent == len(self.held) or self.n_sent >= q.window:
             assert entry is None
             return
         expected = self.held[self.n_sent]
-        assert entry == Entry(expected.seq, expected.payload)
+        assert entry == (expected.seq, expected.payload)
         # Flagged as a redelivery exactly when an earlier connection was sent it already.
-        assert q.is_redelivery(entry.seq) == (expected.sends > 0)
+        assert is_redelivery(q, entry[0]) == (expected.sends > 0)
         expected.sends += 1
         self.n_sent += 1
 
@@ -169,8 +187,8 @@ class QueueMachine(RuleBasedStateMachine):
         if self.q is None:
             return
         q = self.q
-        assert list(q.unacked) == [Entry(h.seq, h.payload) for h in self.held[: self.n_sent]]
-        assert list(q.pending) == [Entry(h.seq, h.payload) for h in self.held[self.n_sent :]]
+        assert list(q.unacked) == [(h.seq, h.payload) for h in self.held[: self.n_sent]]
+        assert list(q.pending) == [(h.seq, h.payload) for h in self.held[self.n_sent :]]
 
     @invariant()
     def bounds_and_accounting(self) -> None:
@@ -209,14 +227,14 @@ def test_requeued_entries_come_first_flagged(batch: list[bytes], split: int) -> 
     q = SubscriptionQueue("t", max_count=100, max_bytes=10_000)
     for p in batch:
         q.push(p, connected=True)
-    sent = [q.take() for _ in range(min(split, len(batch)))]
+    sent = [take(q) for _ in range(min(split, len(batch)))]
     q.requeue_unacked()
     q.push(b"newer", connected=False)
-    again = [q.take() for _ in range(len(batch) + 1)]
-    assert None not in again and q.take() is None
-    assert [e.seq for e in again] == list(range(1, len(batch) + 2))  # type: ignore[union-attr]
-    assert again[-1] == Entry(len(batch) + 1, b"newer")
-    flagged = [q.is_redelivery(e.seq) for e in again]  # type: ignore[union-attr]
+    again = [take(q) for _ in range(len(batch) + 1)]
+    assert None not in again and take(q) is None
+    assert [e[0] for e in again] == list(range(1, len(batch) + 2))  # type: ignore[index]
+    assert again[-1] == (len(batch) + 1, b"newer")
+    flagged = [is_redelivery(q, e[0]) for e in again]  # type: ignore[index]
     assert flagged == [True] * len(sent) + [False] * (len(batch) + 1 - len(sent))
 
 
@@ -224,5 +242,5 @@ def test_oversized_message_is_kept_alone() -> None:
     q = SubscriptionQueue("t", max_count=10, max_bytes=5)
     assert q.push(b"abc", connected=True) == 0
     assert q.push(b"0123456789", connected=False) == 1
-    assert list(q.pending) == [Entry(2, b"0123456789")]
+    assert list(q.pending) == [(2, b"0123456789")]
     assert (q.dropped_live, q.dropped_away, q.bytes) == (0, 1, 10)

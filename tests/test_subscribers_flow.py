@@ -1,10 +1,12 @@
-"""Delivery credit and the delivery window, at the SubscriberManager's batch path.
+"""Delivery credit, the delivery window and held publishers, at the SubscriberManager's batch
+path: the actor with its fan-out, delivery step and held publishers together.
 
 The manager is driven directly (its `on_receive`, no loop, no sockets); a connection is a ref
 that records what it is told and gives no credit back unless the test does. The broker sends a
 subscriber deliveries while its credit is above zero, one frame at a time in effect: so a flush
 stops at the first frame that uses the credit up (it may overshoot by that one frame), and never
-has more than the window sent and unacked.
+has more than the window sent and unacked. (Each part alone: tests/test_fanout.py,
+tests/test_delivery.py, tests/test_held.py.)
 """
 
 from __future__ import annotations
@@ -14,7 +16,17 @@ from typing import Any
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from tether.broker.messages import Attach, ConnHandle, Credit, Detach, Outbound, SessionOps
+from tether.broker.fanout import Fanout
+from tether.broker.messages import (
+    Attach,
+    ConnHandle,
+    Credit,
+    Detach,
+    GetStats,
+    Outbound,
+    SessionOps,
+    Throttle,
+)
 from tether.broker.subscribers import SubscriberManager, _WaitOver
 from tether.protocol import (
     BROKER_FRAME_TYPES,
@@ -22,8 +34,10 @@ from tether.protocol import (
     Ack,
     Deliver,
     FrameDecoder,
+    Ok,
     Publish,
     Subscribe,
+    Unregister,
     encode,
 )
 
@@ -49,6 +63,20 @@ def _deliveries(data: bytes) -> list[tuple[Deliver, int]]:
     return out
 
 
+class FakeLoop:
+    def __init__(self) -> None:
+        self.timers: list[Any] = []
+
+    def call_later(self, delay: float, callback: Any) -> None:
+        self.timers.append(callback)
+
+
+def _stats(sm: SubscriberManager) -> dict[str, int]:
+    stats = sm.on_receive(GetStats())
+    assert isinstance(stats, dict)
+    return stats
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     high_water=st.sampled_from([1, 40, 120, 500, 4000, 1 << 20]),
@@ -65,16 +93,20 @@ def test_credit_and_window_cut_like_one_frame_at_a_time(
     # A batch that fits the queue is never held back (the queue is drained between batches).
     per_batch = min(per_batch, queue_limit)
     sm = SubscriberManager(
-        None, 0, queue_limit=queue_limit, queue_bytes=1 << 30, outbound_high_water=high_water
+        FakeLoop(),  # type: ignore[arg-type]
+        0,
+        queue_limit=queue_limit,
+        queue_bytes=1 << 30,
+        outbound_high_water=high_water,
     )
     pub_ref, sub_ref = Ref(), Ref()
     pub = ConnHandle(1, pub_ref, "p")  # type: ignore[arg-type]
     sub = ConnHandle(2, sub_ref, "s")  # type: ignore[arg-type]
     sm.on_receive(Attach("P", "pub", pub, 0, "tp", False, 60, 60))
     sm.on_receive(Attach("S", "sub", sub, 0, "ts", False, 60, 60))
-    sm._sessions["S"].next_seqs[TOPIC] = first_seq  # as if subscribed before
+    sm._fanout.sessions["S"].next_seqs[TOPIC] = first_seq  # as if subscribed before
     sm.on_receive(SessionOps("S", sub, (Subscribe(req=1, topic=TOPIC),)))
-    q = sm._sessions["S"].queues[TOPIC]
+    q = sm._fanout.sessions["S"].queues[TOPIC]
     window = max(1, queue_limit // 2)
     payloads = [bytes([i % 256]) * n for i, n in enumerate(sizes)]
     published: list[bytes] = []
@@ -109,27 +141,30 @@ def test_credit_and_window_cut_like_one_frame_at_a_time(
     assert [d.seq for d in received] == list(range(first_seq, first_seq + len(payloads)))
     assert [d.payload for d in received] == published
     assert not any(d.redelivered for d in received)
-    assert sm.dropped == 0
+    assert _stats(sm)["dropped"] == 0
+    assert _stats(sm)["delivered"] == len(published)
 
 
-class FakeLoop:
-    def __init__(self) -> None:
-        self.timers: list[Any] = []
-
-    def call_later(self, delay: float, callback: Any) -> None:
-        self.timers.append(callback)
-
-
-class OneByOne(SubscriberManager):
+class OneByOneFanout(Fanout):
     """The reference: every publish of a run checked and queued on its own."""
 
-    def _publish_many(
+    __slots__ = ()
+
+    def publish_many(
         self, topic: str, run: list[Publish], touched: dict[str, Any], *, force: bool
     ) -> int:
         for taken, publish in enumerate(run):
-            if not self._publish(topic, publish.payload, touched, force=force):
+            if not self.publish(topic, publish.payload, touched, force=force):
                 return taken
         return len(run)
+
+
+class OneByOne(SubscriberManager):
+    """The manager with the reference fan-out."""
+
+    def __init__(self, *args: Any, queue_limit: int, queue_bytes: int, **kwargs: Any) -> None:
+        super().__init__(*args, queue_limit=queue_limit, queue_bytes=queue_bytes, **kwargs)
+        self._fanout = OneByOneFanout(queue_limit=queue_limit, queue_bytes=queue_bytes)
 
 
 def _run_publishes(
@@ -142,7 +177,7 @@ def _run_publishes(
     """Publish `sizes` in one batch to two connected subscribers and one away, then release
     the held rest by acks and by the wait running out."""
     sm = manager(
-        FakeLoop(),
+        FakeLoop(),  # type: ignore[arg-type]
         0,
         queue_limit=queue_limit,
         queue_bytes=queue_bytes,
@@ -166,16 +201,18 @@ def _run_publishes(
         if delivered:
             seq = delivered[-1][0].seq
             sm.on_receive(SessionOps("S1", conns[1], (Ack(topic=TOPIC, seq=seq),)))
-        held = sm._held.get(0)
-        if held is not None:
-            sm.on_receive(_WaitOver(0, held.token))
+        token = sm._held.token_of(0)
+        if token is not None:
+            sm.on_receive(_WaitOver(0, token))
+    sessions = sm._fanout.sessions
     queues = [
-        (len(sm._sessions[f"S{i}"].queues[TOPIC]), sm._sessions[f"S{i}"].queues[TOPIC].bytes)
+        (len(sessions[f"S{i}"].queues[TOPIC]), sessions[f"S{i}"].queues[TOPIC].bytes)
         for i in (1, 2, 3)
     ]
     streams = [b"".join(m.data for m in ref.told if isinstance(m, Outbound)) for ref in refs]
     told = [m for m in refs[0].told if not isinstance(m, Outbound)]
-    return [*told, streams[0]], streams[1:], queues, (sm.published, sm.dropped)
+    stats = _stats(sm)
+    return [*told, streams[0]], streams[1:], queues, (stats["published"], stats["dropped"])
 
 
 @settings(max_examples=150, deadline=None)
@@ -202,7 +239,11 @@ def test_a_held_publisher_waits_while_its_subscriber_makes_progress() -> None:
     would be forced and the subscriber would lose messages for being merely slow). A
     publisher held by another topic's subscriber keeps its wait."""
     sm = SubscriberManager(
-        FakeLoop(), 0, queue_limit=2, queue_bytes=1 << 20, outbound_high_water=1 << 20
+        FakeLoop(),  # type: ignore[arg-type]
+        0,
+        queue_limit=2,
+        queue_bytes=1 << 20,
+        outbound_high_water=1 << 20,
     )
     refs = [Ref() for _ in range(5)]
     sub, p1, p2, p3, q = (ConnHandle(i, ref, str(i)) for i, ref in enumerate(refs))  # type: ignore[arg-type]
@@ -218,14 +259,54 @@ def test_a_held_publisher_waits_while_its_subscriber_makes_progress() -> None:
     publish("S2", p2, "a", 1)
     publish("S3", p3, "a", 1)
     publish("S4", q, "b", 3)  # fills "b", its third held
-    assert set(sm._held) == {2, 3, 4}
-    tokens = {conn_id: held.token for conn_id, held in sm._held.items()}
+    assert set(sm._held.conn_ids) == {2, 3, 4}
+    tokens = {conn_id: sm._held.token_of(conn_id) for conn_id in sm._held.conn_ids}
 
     sm.on_receive(SessionOps("S0", sub, (Ack(topic="a", seq=1),)))  # room for one on "a"
-    assert set(sm._held) == {3, 4}  # p2 took it; p3 still waits, behind
-    assert sm._held[3].token != tokens[3]  # ... with its wait renewed
-    assert sm._held[4].token == tokens[4]  # "b" made no progress
-    sm.on_receive(_WaitOver(3, tokens[3]))  # the old wait running out changes nothing
-    assert 3 in sm._held and sm.dropped == 0
-    sm.on_receive(_WaitOver(4, tokens[4]))  # "b"'s subscriber is stuck: forced
-    assert 4 not in sm._held and sm.dropped == 1
+    assert set(sm._held.conn_ids) == {3, 4}  # p2 took it; p3 still waits, behind
+    assert sm._held.token_of(3) != tokens[3]  # ... with its wait renewed
+    assert sm._held.token_of(4) == tokens[4]  # "b" made no progress
+    sm.on_receive(_WaitOver(3, tokens[3]))  # type: ignore[arg-type]  # the old wait: nothing
+    assert 3 in sm._held.conn_ids and _stats(sm)["dropped"] == 0
+    sm.on_receive(_WaitOver(4, tokens[4]))  # type: ignore[arg-type]  # "b" stuck: forced
+    assert 4 not in sm._held.conn_ids and _stats(sm)["dropped"] == 1
+
+
+def test_an_unregister_in_a_held_batch_ends_the_wait_once() -> None:
+    """A held batch that ends in `unregister`: when room comes, the publishes are taken and the
+    session ends, which retries the held publishers from within that retry. The connection is
+    let go exactly once (this once raised `KeyError`, leaving the other held ones untried)."""
+    sm = SubscriberManager(
+        FakeLoop(),  # type: ignore[arg-type]
+        0,
+        queue_limit=2,
+        queue_bytes=1 << 20,
+        outbound_high_water=1 << 20,
+    )
+    refs = [Ref() for _ in range(3)]
+    sub, pub, other = (ConnHandle(i, ref, str(i)) for i, ref in enumerate(refs))  # type: ignore[arg-type]
+    for i, conn in enumerate((sub, pub, other)):
+        sm.on_receive(Attach(f"S{i}", f"c{i}", conn, 0, "t", False, 60, 60))
+    sm.on_receive(SessionOps("S0", sub, (Subscribe(req=1, topic="a"),)))
+    one = (Publish(topic="a", payload=b"x"),)
+    sm.on_receive(SessionOps("S1", pub, (*one, *one, *one, Unregister(req=9))))
+    sm.on_receive(SessionOps("S2", other, one))
+    assert list(sm._held.conn_ids) == [1, 2]
+    sm.on_receive(SessionOps("S0", sub, (Ack(topic="a", seq=1),)))  # room for one
+    assert list(sm._held.conn_ids) == [2]
+    throttles = [m.paused for m in refs[1].told if isinstance(m, Throttle)]
+    assert throttles == [True, False]
+    last = refs[1].told[-1]
+    assert isinstance(last, Outbound) and last.close and last.session_ended
+    assert _decode_one(last.data) == Ok(req=9)
+    assert sm._held.token_of(2) is not None and _stats(sm)["sessions"] == 2
+    stats = _stats(sm)
+    assert (stats["published"], stats["dropped"], stats["queued"]) == (3, 0, 2)
+
+
+def _decode_one(data: bytes) -> object:
+    decoder = FrameDecoder(max_frame=1 << 24, accept=BROKER_FRAME_TYPES)
+    decoder.receive_data(data)
+    frame = decoder.next_frame()
+    assert decoder.next_frame() is NEED_DATA
+    return frame

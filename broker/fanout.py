@@ -1,0 +1,158 @@
+"""Who subscribes to what, and each publish queued for every subscriber of its topic.
+
+Pure data, no actors, no I/O. See docs/architecture.md section 7 (the hot path).
+"""
+
+from __future__ import annotations
+
+import itertools
+from bisect import bisect_right
+from dataclasses import dataclass, field
+
+from tether.broker.messages import ConnHandle
+from tether.broker.queues import SubscriptionQueue
+from tether.protocol import Publish
+
+__all__ = ["Fanout", "SessionSubs"]
+
+
+@dataclass(slots=True)
+class SessionSubs:
+    """One session's subscriptions, and where its deliveries go (`conn` None: away)."""
+
+    session_id: str
+    client_id: str
+    conn: ConnHandle | None
+    credit: int
+    queues: dict[str, SubscriptionQueue] = field(default_factory=dict)
+    # Seq counters outlive an unsubscribe: a topic subscribed again continues its numbering.
+    next_seqs: dict[str, int] = field(default_factory=dict)
+
+
+class Fanout:
+    """The sessions' subscriptions and the topic index over them (`topic -> {session: queue}`),
+    and the counters of what publishing did: `published` (taken) and `dropped` (pushed out)."""
+
+    __slots__ = ("by_topic", "dropped", "published", "queue_bytes", "queue_limit", "sessions")
+
+    def __init__(self, *, queue_limit: int, queue_bytes: int) -> None:
+        self.queue_limit = queue_limit
+        self.queue_bytes = queue_bytes
+        self.sessions: dict[str, SessionSubs] = {}
+        self.by_topic: dict[str, dict[str, SubscriptionQueue]] = {}
+        self.published = 0
+        self.dropped = 0
+
+    # --- who subscribes to what -------------------------------------------------------------
+
+    def remove_session(self, session_id: str) -> SessionSubs | None:
+        """Forget the session and take its queues out of the index; returns what it held."""
+        subs = self.sessions.pop(session_id, None)
+        if subs is not None:
+            for topic in subs.queues:
+                self._remove_from_topic(topic, session_id)
+        return subs
+
+    def subscribe(self, subs: SessionSubs, topic: str) -> None:
+        if topic not in subs.queues:
+            q = SubscriptionQueue(
+                topic,
+                max_count=self.queue_limit,
+                max_bytes=self.queue_bytes,
+                next_seq=subs.next_seqs.pop(topic, 1),
+            )
+            subs.queues[topic] = q
+            self.by_topic.setdefault(topic, {})[subs.session_id] = q
+
+    def unsubscribe(self, subs: SessionSubs, topic: str) -> bool:
+        """Drop the subscription's queue, uncounted; returns whether there was one."""
+        q = subs.queues.pop(topic, None)
+        if q is None:
+            return False
+        subs.next_seqs[topic] = q.next_seq
+        self._remove_from_topic(topic, subs.session_id)
+        return True
+
+    def _remove_from_topic(self, topic: str, session_id: str) -> None:
+        members = self.by_topic.get(topic)
+        if members is not None:
+            members.pop(session_id, None)
+            if not members:
+                del self.by_topic[topic]
+
+    def queued(self) -> int:
+        """Messages in all queues, unacked deliveries included."""
+        return sum(len(q) for s in self.sessions.values() for q in s.queues.values())
+
+    # --- publishing -------------------------------------------------------------------------
+    #
+    # A publish goes into every subscriber's queue or into none. It goes into none (False, or
+    # a short count) while a *connected* subscriber's queue would push an older message out,
+    # unless `force`: the caller then holds the publisher back (section 7). A subscriber away
+    # never holds anyone: its queue drops its oldest on push. `touched` collects the connected
+    # sessions that got something, to be flushed at the end of the batch.
+
+    def publish(
+        self, topic: str, payload: bytes, touched: dict[str, SessionSubs], *, force: bool
+    ) -> bool:
+        """Queue the message for every subscriber, or for none (False)."""
+        members = self.by_topic.get(topic)
+        if not members:
+            self.published += 1
+            return True
+        sessions = self.sessions
+        if not force:
+            size = len(payload)
+            for session_id, q in members.items():
+                if sessions[session_id].conn is not None and q.is_full_for(size):
+                    return False
+        self.published += 1
+        for session_id, q in members.items():
+            subs = sessions[session_id]
+            self.dropped += q.push(payload, connected=subs.conn is not None)
+            if subs.conn is not None:
+                touched[session_id] = subs
+        return True
+
+    def publish_many(
+        self, topic: str, run: list[Publish], touched: dict[str, SessionSubs], *, force: bool
+    ) -> int:
+        """`publish` the messages of `run` (all to `topic`) in order, until one is not taken;
+        returns how many were. As many as every connected subscriber has room for go in one
+        step; the rest, if any, one by one."""
+        members = self.by_topic.get(topic)
+        if not members:
+            self.published += len(run)
+            return len(run)
+        taken = 0
+        if len(run) > 1:
+            sessions = self.sessions
+            payloads = [publish.payload for publish in run]
+            fit = len(payloads)
+            if not force:
+                # The longest prefix no connected subscriber's queue would push anything out for.
+                room_bytes: int | None = None
+                for session_id, q in members.items():
+                    if sessions[session_id].conn is not None:
+                        count, nbytes = q.room()
+                        fit = min(fit, count)
+                        room_bytes = nbytes if room_bytes is None else min(room_bytes, nbytes)
+                if room_bytes is not None and fit > 1:
+                    sums = list(itertools.accumulate(map(len, payloads[:fit])))
+                    fit = bisect_right(sums, room_bytes)
+            if fit > 1:
+                if fit < len(payloads):
+                    del payloads[fit:]
+                size = sum(map(len, payloads))
+                self.published += fit
+                for session_id, q in members.items():
+                    subs = sessions[session_id]
+                    self.dropped += q.push_many(payloads, size, connected=subs.conn is not None)
+                    if subs.conn is not None:
+                        touched[session_id] = subs
+                taken = fit
+        for publish in run[taken:]:
+            if not self.publish(topic, publish.payload, touched, force=force):
+                return taken
+            taken += 1
+        return taken
