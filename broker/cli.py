@@ -121,7 +121,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         store = UserStore.load(users_path)  # fail here, with a clear line, not in an actor
     except UserFileError as exc:
-        raise CliError(str(exc)) from None
+        return _refuse_start(str(exc))
     if not users_path.exists():
         log.warning(
             "users file not found: nobody can log in",
@@ -143,12 +143,21 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             log_format=log_format,
         )
     except ValueError as exc:
-        raise CliError(str(exc)) from None
+        return _refuse_start(str(exc))
 
     # Imported here: `tether user ...` must not need the network stack to be importable.
-    from tether.broker.server import serve
+    from tether.broker.server import StartupError, serve
 
-    return serve(config)
+    try:
+        return serve(config)
+    except StartupError as exc:
+        return _refuse_start(str(exc))
+
+
+def _refuse_start(message: str) -> int:
+    """Every start-up refusal of `serve`: one line saying what and what to do, status 2."""
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return 2
 
 
 def read_password(name: str) -> str:

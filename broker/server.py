@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import errno
+import os
 import signal
+import socket
 import threading
 from typing import Any, cast
 
@@ -54,6 +57,7 @@ class Broker:
             queue_bytes=config.queue_bytes,
             outbound_high_water=config.outbound_high_water,
             publish_wait=config.publish_wait,
+            max_frame=config.max_frame,
         )
         sessions = SessionManager.start(
             *on_loop, subscriber_manager=subscribers, session_expiry=config.session_expiry
@@ -130,6 +134,31 @@ class Broker:
         self.stop()
 
 
+class StartupError(Exception):
+    """The broker cannot start: the message is one line saying what and what to do."""
+
+
+# errno -> what to do about it, for the errors binding a listening socket gives.
+_LISTEN_HINTS = {
+    errno.EADDRINUSE: "another process listens there (another broker?): stop it or pick --port",
+    errno.EADDRNOTAVAIL: "this machine has no such address: pick --host from its addresses",
+    errno.EACCES: "not allowed (ports below 1024 need privileges): pick another --port",
+}
+
+
+def _listen_error(config: BrokerConfig, exc: OSError) -> StartupError:
+    where = f"{config.host}:{config.port}"
+    if isinstance(exc, socket.gaierror):
+        return StartupError(
+            f"cannot listen on {where}: unknown host {config.host!r} ({exc.strerror}): "
+            "--host takes an address or a name this machine resolves"
+        )
+    # asyncio's own message repeats the address; the errno's text says it plainly.
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    hint = _LISTEN_HINTS.get(exc.errno or 0, "check --host and --port")
+    return StartupError(f"cannot listen on {where}: {reason}: {hint}")
+
+
 def serve(config: BrokerConfig) -> int:
     """Run a broker until SIGINT or SIGTERM. The command line's `tether serve`."""
     signal.signal(signal.SIGUSR1, pykka.debug.log_thread_tracebacks)
@@ -142,7 +171,11 @@ def serve(config: BrokerConfig) -> int:
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
     broker = Broker(config)
-    host, port = broker.start()
+    try:
+        host, port = broker.start()
+    except OSError as exc:
+        broker.stop()
+        raise _listen_error(config, exc) from None
     _log.info(
         "broker_started",
         host=host,

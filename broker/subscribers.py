@@ -71,8 +71,10 @@ class SubscriberManager(LoopActor):
         queue_bytes: int,
         outbound_high_water: int,
         publish_wait: float = 1.0,
+        max_frame: int | None = None,
     ) -> None:
         super().__init__(loop, loop_thread)
+        self._max_frame = max_frame  # told to clients in `registered`
         self._high_water = outbound_high_water
         self._publish_wait = publish_wait
         self._fanout = Fanout(queue_limit=queue_limit, queue_bytes=queue_bytes)
@@ -162,6 +164,7 @@ class SubscriberManager(LoopActor):
             expiry=msg.expiry,
             queued=queued,
             dropped=dropped,
+            max_frame=self._max_frame,
         )
         tell(
             msg.conn.ref,

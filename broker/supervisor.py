@@ -37,7 +37,9 @@ _log = structlog.get_logger("tether.supervisor")
 class _AuthDone:
     request: RegisterRequest
     ok: bool
-    error: str | None = None
+    # Why a check failed, for the log only (the answer on the wire is the same for all):
+    # "unknown_user", "wrong_password", or "check_failed: <exception>".
+    reason: str | None = None
 
 
 # Checks under way at once for an address past the failure limit; more are refused outright.
@@ -94,7 +96,7 @@ class BrokerSupervisor(LoopActor):
                     return None
                 self._in_flight[address] = self._in_flight.get(address, 0) + 1
                 self._verify(message)
-            case _AuthDone(request=request, ok=ok, error=error):
+            case _AuthDone(request=request, ok=ok, reason=reason):
                 frame, conn = request.frame, request.conn
                 address = _peer_address(conn.peer)
                 left = self._in_flight.pop(address, 1) - 1
@@ -115,7 +117,7 @@ class BrokerSupervisor(LoopActor):
                     peer=conn.peer,
                     client_id=frame.client_id,
                     username=frame.username,
-                    error=error,
+                    reason=reason,
                     rate_limited=blocked,
                 )
                 if blocked:
@@ -166,8 +168,11 @@ class BrokerSupervisor(LoopActor):
         def done(future: Future[bool]) -> None:
             exc = future.exception()
             if exc is not None:
-                tell(ref, _AuthDone(request, ok=False, error=repr(exc)))
+                tell(ref, _AuthDone(request, ok=False, reason=f"check_failed: {exc!r}"))
+            elif future.result():
+                tell(ref, _AuthDone(request, ok=True))
             else:
-                tell(ref, _AuthDone(request, ok=future.result()))
+                why = "unknown_user" if stored is None else "wrong_password"
+                tell(ref, _AuthDone(request, ok=False, reason=why))
 
         self._pool.submit(check).add_done_callback(done)

@@ -18,6 +18,7 @@ import structlog
 from tether import __version__
 from tether.broker.config import BrokerConfig
 from tether.broker.passwords import verify_password
+from tether.broker.server import StartupError
 from tether.broker.users import UserStore
 from tether.cli import main
 
@@ -183,6 +184,7 @@ def fake_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
 
     module = types.ModuleType("tether.broker.server")
     module.serve = serve  # type: ignore[attr-defined]
+    module.StartupError = StartupError  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "tether.broker.server", module)
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
@@ -213,7 +215,8 @@ def test_serve_refuses_a_malformed_users_file(
 ) -> None:
     path = tmp_path / "users.json"
     path.write_text("[]")
-    assert main(["serve", "--users", str(path), "--log-format", "console"]) == 1
+    # Every start-up refusal of serve: one line, status 2 (issue 9).
+    assert main(["serve", "--users", str(path), "--log-format", "console"]) == 2
     assert fake_server == []
     assert "malformed" in capsys.readouterr().err
 
@@ -231,3 +234,46 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--version"])
     assert info.value.code == 0
     assert capsys.readouterr().out == f"tether {__version__}\n"
+
+
+def _serve(*args: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    users = tmp_path / "users.json"
+    return subprocess.run(
+        [sys.executable, "-m", "tether", "serve", "--users", str(users), *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def _one_line_refusal(result: subprocess.CompletedProcess[str], *words: str) -> None:
+    assert result.returncode == 2, result
+    [line] = result.stderr.splitlines()  # one line: no traceback
+    assert line.startswith("tether: error: ")
+    for word in words:
+        assert word in line
+
+
+def test_serve_on_a_port_in_use_is_one_line_and_status_2(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = _serve("--port", str(port), "--log-format", "json", tmp_path=tmp_path)
+    _one_line_refusal(result, f"127.0.0.1:{port}", "in use", "--port")
+
+
+def test_serve_on_an_unknown_host_is_one_line_and_status_2(tmp_path: Path) -> None:
+    result = _serve("--host", "nonexistent.invalid", "--log-format", "json", tmp_path=tmp_path)
+    _one_line_refusal(result, "nonexistent.invalid", "--host")
+
+
+def test_serve_with_a_hash_that_is_not_bcrypt_is_one_line_and_status_2(tmp_path: Path) -> None:
+    (tmp_path / "users.json").write_text(
+        '{"version": 1, "users": {"eve": {"hash": "plain", "created": "x"}}}'
+    )
+    result = _serve("--port", "0", tmp_path=tmp_path)
+    _one_line_refusal(result, "'eve'", "bcrypt")

@@ -4,6 +4,7 @@ connection; every other error leaves it usable, which each test checks by using 
 
 from __future__ import annotations
 
+import logging
 import socket
 import struct
 from collections.abc import Callable
@@ -336,6 +337,23 @@ def test_wrong_password_and_unknown_user_look_the_same(broker: Broker, dial: Dia
     assert reg.req == 3
     assert reg.resumed is False
     assert_usable(client)
+
+
+def test_the_log_tells_unknown_user_from_wrong_password(
+    broker: Broker, dial: Dial, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The wire answer is the same for both; the operator's log says which it was."""
+    caplog.set_level(logging.INFO)
+    client = dial(broker)
+    client.send(Register(req=1, client_id="dev", username="alice", password="wrong"))
+    assert_error(client.recv(), "auth_failed", 1)
+    client.send(Register(req=2, client_id="dev", username="mallory", password="secret"))
+    assert_error(client.recv(), "auth_failed", 2)
+    # Logged on the broker's thread before it answered, so both lines are there now.
+    lines = [r.getMessage() for r in caplog.records if "'auth_failed'" in r.getMessage()]
+    assert len(lines) == 2
+    assert "username='alice'" in lines[0] and "reason='wrong_password'" in lines[0]
+    assert "username='mallory'" in lines[1] and "reason='unknown_user'" in lines[1]
 
 
 def test_password_of_another_user_fails(broker: Broker, dial: Dial) -> None:

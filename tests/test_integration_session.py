@@ -41,7 +41,7 @@ from tether.protocol import (
 
 
 def test_new_session_registered_fields(start_broker: Callable[..., Broker], dial: Dial) -> None:
-    broker = start_broker(session_expiry=42)
+    broker = start_broker(session_expiry=42, max_frame=4096)
     client = dial(broker)
     client.send(
         Register(
@@ -60,6 +60,7 @@ def test_new_session_registered_fields(start_broker: Callable[..., Broker], dial
     assert reg.expiry == 42
     assert reg.queued == 0
     assert reg.dropped == 0
+    assert reg.max_frame == 4096  # the broker's frame limit, so clients need not be told it
     assert reg.session_id and reg.resume_token
     # Nothing else was sent, and the connection is live.
     assert client.sync() == []
