@@ -1,9 +1,10 @@
 """The Tether client library: a blocking `Client` and an asyncio `AsyncClient`, one
-sans-IO connection state machine (`client.machine`) under both. Depends on `protocol` only.
+sans-IO connection state machine (`machine.py`) under both. Depends on `tether.protocol` only
+(and `tether.files` for the state file).
 
     from tether.client import Client
 
-    with Client(client_id="demo", username="alice", password="secret") as c:
+    with Client(client_id="demo", username="alice", password="secret", takeover=True) as c:
         inbox = c.subscribe("greetings")  # iterate over it, or pass a handler instead
         c.publish("greetings", "hello", confirm=True)
         print(next(inbox).payload.decode())  # hello
@@ -15,14 +16,16 @@ from .errors import (
     AuthFailed,
     ClientClosed,
     ConnectionFailed,
+    PayloadTooLarge,
     Rejected,
     SessionLost,
     StateFileError,
+    StateFileLocked,
     TakenOver,
     TetherError,
     Timeout,
 )
-from .events import Dropped, Message
+from .events import Disconnected, Dropped, Message, Reconnected
 from .machine import ClientMachine, MachineConfig, Phase
 from .options import ClientOptions, Health
 from .state import SavedState, load_state, save_state
@@ -38,15 +41,19 @@ __all__ = [
     "ClientMachine",
     "ClientOptions",
     "ConnectionFailed",
+    "Disconnected",
     "Dropped",
     "Health",
     "MachineConfig",
     "Message",
+    "PayloadTooLarge",
     "Phase",
+    "Reconnected",
     "Rejected",
     "SavedState",
     "SessionLost",
     "StateFileError",
+    "StateFileLocked",
     "Subscription",
     "TakenOver",
     "TetherError",

@@ -113,7 +113,8 @@ class AsyncClient(FrontEnd):
         await self.close()
 
     async def connect(self, timeout: float | None = None) -> AsyncClient:
-        """Start and wait for a session; raises like `Client.connect`."""
+        """Start and wait for a session; raises like `Client.connect` (at once when the
+        connection is refused or the host unknown)."""
         if self._close_started:
             raise ClientClosed()
         if not self._tasks:
@@ -136,12 +137,7 @@ class AsyncClient(FrontEnd):
         if self._ended.is_set():
             error = self._end_error or ClientClosed()
         else:
-            o = self.options
-            error = ConnectionFailed(
-                f"could not get a session from the broker at {o.host}:{o.port} within "
-                f"{limit:g} s (last problem: {self._last_error or 'no answer'}): check that "
-                "the broker runs there and that this machine can reach it"
-            )
+            error = self._connect_timed_out(limit)
         await self.close()
         raise error
 
@@ -158,6 +154,7 @@ class AsyncClient(FrontEnd):
         try:
             await self._close(me)
         finally:
+            self._release_state_file()
             self._close_done.set()
 
     async def _close(self, me: asyncio.Task[object] | None) -> None:
@@ -317,12 +314,16 @@ class AsyncClient(FrontEnd):
             except (OSError, TimeoutError) as exc:
                 self._last_error = exc
                 self._log.info("connect_failed", host=o.host, port=o.port, error=str(exc))
+                if (refused := self._refused_at_once(exc)) is not None:
+                    self._on_events(self._machine.close(refused))
+                    break
             else:
                 if self._stop.is_set() or self._machine.closed:
                     writer.close()
                     break
                 self._writer = writer
                 self._drop_connection = False
+                self._ending = None
                 self._machine.connection_made()
                 self._do_flush()
                 if await self._read_connection(reader, writer):
@@ -338,15 +339,17 @@ class AsyncClient(FrontEnd):
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> bool:
         registered = False
+        error: BaseException | None = None
+        transition = False
         try:
             while True:
                 try:
                     data = await reader.read(_READ_SIZE)
                 except OSError as exc:
-                    self._last_error = exc
+                    error = exc
                     break
                 if not data:
-                    self._last_error = ConnectionFailed("the broker closed the connection")
+                    error = ConnectionFailed("the broker closed the connection")
                     break
                 self._on_events(self._machine.receive_data(data))
                 # Duplicates make no event for the dispatcher but still need their ack.
@@ -358,9 +361,12 @@ class AsyncClient(FrontEnd):
         finally:
             if self._writer is writer:
                 self._writer = None
-            self._on_events(self._machine.connection_lost())
+            events = self._machine.connection_lost(self._connection_ended(error))
+            transition = any(isinstance(e, ev.Disconnected) for e in events)
+            self._on_events(events)
             writer.transport.abort()
-        if not self._stop.is_set() and not self._machine.closed:
+        if not transition and not self._stop.is_set() and not self._machine.closed:
+            # (A connection that held the session is told as `disconnected`.)
             self._log.info("connection_lost", error=str(self._last_error))
         return registered
 
@@ -375,15 +381,13 @@ class AsyncClient(FrontEnd):
             now = time.monotonic()
             if self._ping is not None and now - self._ping[1] >= self._machine.keepalive:
                 self._log.warning("pong_timeout", waited=round(now - self._ping[1], 1))
-                self._last_error = ConnectionFailed("no pong from the broker")
+                self._ending = ConnectionFailed("no pong from the broker")
                 writer.transport.abort()
                 continue
             health = await self._read_health()
             if self._writer is not writer or self._machine.phase is not Phase.READY:
                 continue
-            req = self._machine.ping(
-                health.status if health else None, dict(health.details) if health else None
-            )
+            req = self._ping_with(health)
             if req is not None and self._ping is None:
                 self._ping = (req, now)
             self._schedule_flush()
@@ -480,8 +484,8 @@ class AsyncClient(FrontEnd):
 
     async def _save_state(self) -> None:
         path = self.options.state_file
-        if path is None:
-            return
+        if path is None or (self._file_lock is not None and not self._file_lock.held):
+            return  # (a handler that outlived close(): the file is no longer ours)
         async with self._state_lock:
             state = self._machine.take_state()
             if state is not None:

@@ -9,9 +9,11 @@ __all__ = [
     "AuthFailed",
     "ClientClosed",
     "ConnectionFailed",
+    "PayloadTooLarge",
     "Rejected",
     "SessionLost",
     "StateFileError",
+    "StateFileLocked",
     "TakenOver",
     "TetherError",
     "Timeout",
@@ -61,8 +63,28 @@ class AuthFailed(Rejected):
         super().__init__(
             ErrorCode.AUTH_FAILED,
             broker_message,
-            hint=f"check the password of user {username!r} "
-            "(the broker's admin adds users with `tether user add NAME --users PATH`)",
+            hint=f"check the password of user {username!r}, and the name; the broker reads "
+            "its users file only when it starts, so a user added or changed since then needs "
+            "a broker restart",
+        )
+
+
+class PayloadTooLarge(TetherError, ValueError):
+    """A frame larger than the limit: a publish the broker would refuse (raised by `publish()`
+    before anything is sent, or given to the request when the broker refused it), or a
+    delivery larger than this client accepts. `size` is the frame's bytes as the length
+    prefix counts them, `limit` the broker's frame limit (its `--max-frame`)."""
+
+    size: int
+    limit: int
+
+    def __init__(self, size: int, limit: int, message: str | None = None) -> None:
+        self.size = size
+        self.limit = limit
+        super().__init__(
+            message
+            or f"the message makes a frame of {size} bytes, over the broker's limit of {limit} "
+            "bytes: send it in smaller parts, or ask for a larger `tether serve --max-frame`"
         )
 
 
@@ -99,6 +121,24 @@ class SessionLost(TetherError):
 
 class StateFileError(TetherError):
     """The state file cannot be read or does not belong to this client."""
+
+
+class StateFileLocked(StateFileError):
+    """Another live process (or client) uses this state file. `pid` is the holder's process
+    id when it could be read, else None."""
+
+    path: str
+    pid: int | None
+
+    def __init__(self, path: str, pid: int | None) -> None:
+        self.path = path
+        self.pid = pid
+        holder = f"process {pid}" if pid is not None else "another process"
+        super().__init__(
+            f"the state file {path} is in use by {holder}: only one client may use a state "
+            "file at a time: stop the other one, or give this one its own state file and "
+            "client_id"
+        )
 
 
 _DEFAULT_HINT = "see docs/protocol.md, section 5, for what the code means"

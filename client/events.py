@@ -13,9 +13,12 @@ __all__ = [
     "BrokerError",
     "Closed",
     "Disconnect",
+    "Disconnected",
     "Dropped",
     "Event",
     "Message",
+    "Reconnected",
+    "Refused",
     "Registered",
     "RequestDone",
     "RequestFailed",
@@ -94,10 +97,38 @@ class BrokerError:
 
 
 @dataclass(frozen=True, slots=True)
+class Refused:
+    """A fire-and-forget publish that cannot be sent (e.g. larger than the broker's frame
+    limit, learned after it was queued): it is dropped, and `error` says why."""
+
+    error: TetherError
+
+
+@dataclass(frozen=True, slots=True)
 class Disconnect:
-    """The front end should drop this connection and reconnect after a backoff."""
+    """The front end should drop this connection and reconnect after a backoff. `error` is
+    what the broker said, when it refused us (e.g. `rate_limited`)."""
 
     reason: str
+    error: TetherError | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnected:
+    """The connection that held the session was lost; the client is retrying. Once per
+    loss, not per failed attempt: `Reconnected` follows when a session is held again."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Reconnected:
+    """A session is held again after a `Disconnected`: the same one (`resumed`, with
+    `queued` messages waiting for this client) or, after it expired, a new one (a
+    `SessionLost` comes too)."""
+
+    resumed: bool
+    queued: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +148,9 @@ Event = (
     | RequestDone
     | RequestFailed
     | BrokerError
+    | Refused
     | Disconnect
+    | Disconnected
+    | Reconnected
     | Closed
 )

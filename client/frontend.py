@@ -6,16 +6,26 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+import socket
 from collections.abc import Callable
 from typing import Any, Final, Generic, Literal, Protocol, TypeVar
 
+from tether.protocol import FATAL_CODES
+
 from . import events as ev
-from .errors import ClientClosed, Rejected, TetherError, Timeout
+from .errors import (
+    ClientClosed,
+    ConnectionFailed,
+    PayloadTooLarge,
+    Rejected,
+    TetherError,
+    Timeout,
+)
 from .events import Message
 from .log import get_logger
 from .machine import ClientMachine, Phase
-from .options import ClientOptions
-from .state import load_state
+from .options import ClientOptions, Health
+from .state import StateLock, load_state, lock_state
 
 __all__ = [
     "END",
@@ -124,16 +134,27 @@ class FrontEnd:
         elif overrides:
             options = dataclasses.replace(options, **overrides)
         self.options = options
-        state = (
-            load_state(options.state_file, options.client_id)
-            if options.state_file is not None
-            else None
-        )
-        self._machine = ClientMachine(options.machine_config(), state)
+        # Held from here to the end of close(): one client per state file.
+        self._file_lock: StateLock | None = None
+        state = None
+        if options.state_file is not None:
+            self._file_lock = lock_state(options.state_file)
+        try:
+            if options.state_file is not None:
+                state = load_state(options.state_file, options.client_id)
+            self._machine = ClientMachine(options.machine_config(), state)
+        except BaseException:
+            self._release_state_file()
+            raise
         self._backoff = options.backoff
         self._log = get_logger(client_id=options.client_id)
         self._end_error: TetherError | None = None
+        # Why the last connection (attempt) ended: what the broker said on it, if anything,
+        # else what the socket said.
         self._last_error: BaseException | None = None
+        # Why the current connection is ending, when known before its socket ends: the
+        # broker's fatal error, or the machine asking for a new connection.
+        self._ending: TetherError | None = None
         self._ping: tuple[int, float] | None = None  # unanswered ping: (req, sent at)
         self._close_started = False
         self._drop_connection = False  # the machine asked for a new connection
@@ -161,6 +182,63 @@ class FrontEnd:
         if self._machine.closed or self._close_started:
             raise self._end_error or ClientClosed()
 
+    def _release_state_file(self) -> None:
+        if self._file_lock is not None:
+            self._file_lock.release()
+
+    def _ping_with(self, health: Health | None) -> int | None:
+        """Queue a keepalive ping carrying `health`; without its details when they are too
+        large for a frame (the broker would drop the connection at every ping)."""
+        if health is None:
+            return self._machine.ping()
+        try:
+            return self._machine.ping(health.status, dict(health.details))
+        except PayloadTooLarge as exc:
+            self._log.error("health_details_too_large", error=str(exc))
+            return self._machine.ping(health.status)
+
+    # --- connecting ----------------------------------------------------------------------
+
+    def _refused_at_once(self, exc: OSError) -> ConnectionFailed | None:
+        """Before the first session, a connection attempt that failed in a way another one
+        would repeat (refused, unknown host) is the caller's error: no retrying. None for a
+        failure worth retrying (a timeout), or once a session was had."""
+        if self._registered.is_set():
+            return None
+        o = self.options
+        if isinstance(exc, socket.gaierror):
+            return ConnectionFailed(
+                f"cannot find the broker's host {o.host!r} ({exc.strerror or exc}): check the "
+                "host name"
+            )
+        if isinstance(exc, ConnectionRefusedError):
+            return ConnectionFailed(
+                f"the broker at {o.host}:{o.port} refused the connection: check that the "
+                "broker runs there and listens on that port"
+            )
+        return None
+
+    def _connect_timed_out(self, limit: float) -> ConnectionFailed:
+        o = self.options
+        last = self._last_error
+        where = f"could not get a session from the broker at {o.host}:{o.port} within {limit:g} s"
+        if isinstance(last, Rejected):
+            return ConnectionFailed(f"{where}: {last}")
+        return ConnectionFailed(
+            f"{where} (last problem: {last or 'no answer'}): check that the broker runs there "
+            "and that this machine can reach it"
+        )
+
+    def _connection_ended(self, error: BaseException | None) -> str:
+        """A connection ended (`error`: what the socket said); returns the reason to pass to
+        the machine. What the broker said on it, if anything, wins."""
+        known, self._ending = self._ending, None
+        if known is not None:
+            self._last_error = known
+        elif error is not None:
+            self._last_error = error
+        return str(self._last_error or "the connection was lost")
+
     # --- the machine's events (no application code runs here) ---------------------------
 
     def _on_events(self, events: list[ev.Event]) -> None:
@@ -185,7 +263,12 @@ class FrontEnd:
                 self._to_dispatcher(event)
             elif isinstance(event, ev.Disconnect):
                 self._log.warning("dropping_connection", reason=event.reason)
+                self._ending = event.error or ConnectionFailed(event.reason)
                 self._drop_connection = True
+            elif isinstance(event, ev.BrokerError):
+                if event.code in FATAL_CODES:  # the broker closes the connection after it
+                    self._ending = Rejected(event.code, event.message)
+                self._to_dispatcher(event)
             elif isinstance(event, ev.Closed):
                 self._end_error = event.error
                 self._ended.set()
@@ -195,7 +278,7 @@ class FrontEnd:
                     log = self._log.error if self._registered.is_set() else self._log.info
                     log("stopped", error=str(event.error))
                     self._to_dispatcher(event)
-            else:  # Dropped, SessionLost, TakenOver, BrokerError: for the dispatcher
+            else:  # Dropped, SessionLost, TakenOver, Refused, Disconnected, Reconnected
                 self._to_dispatcher(event)
 
     def _notice(self, item: object) -> Notice | None:
@@ -213,6 +296,15 @@ class FrontEnd:
         if isinstance(item, ev.BrokerError):
             self._log.warning("broker_error", code=item.code, message=item.message)
             return _bind(o.on_error, Rejected(item.code, item.message))
+        if isinstance(item, ev.Refused):
+            self._log.warning("publish_refused", error=str(item.error))
+            return _bind(o.on_error, item.error)
+        if isinstance(item, ev.Disconnected):
+            self._log.warning("disconnected", reason=item.reason)
+            return _bind(o.on_disconnected, item)
+        if isinstance(item, ev.Reconnected):
+            self._log.info("reconnected", resumed=item.resumed, queued=item.queued)
+            return _bind(o.on_reconnected, item)
         return None
 
     def _to_dispatcher(self, item: ev.Event) -> None:

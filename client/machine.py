@@ -17,6 +17,20 @@ Theory of operation:
   pings are dropped: they only probe that one connection).
 - Subscriptions the application wants are remembered; a fresh session (`resumed: false`) gets
   them again, and the per-topic dedup state is reset because its seqs restart at 1.
+- Frame limit. The broker announces its frame limit in `registered` (`max_frame`; else the
+  configured one is assumed). A publish whose frame would exceed it is refused at the call,
+  before anything is queued; requests queued under an older, larger limit fail when the new
+  one is learned. Until `registered` arrives, received frames go to the decoder one at a time,
+  so the frames after it are judged by the announced limit plus a deliver's header. A frame
+  the broker refuses as too large (`frame_too_large`, fatal) is never sent again: its request
+  fails with `PayloadTooLarge` and the limit learned from the refusal applies from then on.
+- Nothing repeats for ever. A failure that would recur identically on every new connection
+  ends the machine with an error instead of a reconnect: a register refused as too large, a
+  delivery over the client's limit, a stream broken the same way on consecutive connections
+  with no progress between them, and, before the first session, an answer that is not Tether
+  or a `rate_limited` login (only wrong passwords are answered so).
+- Transitions. Losing the connection that held the session emits `Disconnected` once; the next
+  `registered` after it emits `Reconnected`. Failed attempts in between emit nothing.
 - Delivery. A `deliver` whose seq is not above the last one seen for its topic is a duplicate
   and is not shown again. The application reports each message it finished with `handled()`;
   `flush_acks()` then queues one cumulative `ack` per topic, never above what was handled and
@@ -27,6 +41,8 @@ Theory of operation:
 from __future__ import annotations
 
 import enum
+import re
+import struct
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +60,7 @@ from tether.protocol import (
     ErrorCode,
     Frame,
     FrameDecoder,
+    FrameTooLarge,
     Ok,
     Ping,
     Pong,
@@ -64,6 +81,7 @@ from .errors import (
     AuthFailed,
     ClientClosed,
     ConnectionFailed,
+    PayloadTooLarge,
     Rejected,
     TakenOver,
     TetherError,
@@ -89,7 +107,7 @@ class MachineConfig:
     keepalive: int = 30
     metadata: dict[str, Any] = field(default_factory=dict)
     takeover: bool = False  # only the first fresh register may end someone else's session
-    max_frame: int = DEFAULT_MAX_FRAME  # the broker's limit, which it does not announce
+    max_frame: int = DEFAULT_MAX_FRAME  # the broker's limit, until it announces its own
 
 
 class _Kind(enum.Enum):
@@ -109,17 +127,33 @@ class _Pending:
     kind: _Kind
     frame: ClientFrame
     sent: bool = False
+    size: int = 0  # the frame's length prefix when it was last sent
 
 
 # Rough cost of a queued frame besides its payload, for the buffered-bytes figure.
 _FRAME_OVERHEAD = 64
+# A publish frame's bytes besides its payload and topic are fewer than this: a payload and
+# topic this far under the limit need not be encoded to know that they fit.
+_PUBLISH_SLACK = 64
+# Consecutive connections broken the same way, with nothing delivered or answered between
+# them, before the machine gives up: the next one would break the same way.
+_MAX_SAME_BREAKS = 3
+_PREFIX = struct.Struct(">I")
+_REFUSED_SIZES = re.compile(r"frame of (\d+) bytes exceeds the limit of (\d+) bytes")
 
 
 class ClientMachine:
     def __init__(self, config: MachineConfig, state: SavedState | None = None) -> None:
         self.config = config
         # Fail now, not at the first reconnect, on values the wire cannot carry.
-        encode(self._register_frame(0, fresh=True, takeover=False))
+        size = len(encode(self._register_frame(0, fresh=True, takeover=False))) - _PREFIX.size
+        if size > config.max_frame:
+            raise PayloadTooLarge(
+                size,
+                config.max_frame,
+                f"the register frame with this metadata has {size} bytes, over the broker's "
+                f"limit of {config.max_frame} bytes: send less metadata",
+            )
         self._phase = Phase.IDLE
         self._session_id = state.session_id if state else None
         self._token = state.resume_token if state else None
@@ -144,6 +178,13 @@ class ClientMachine:
         self._conn_acked: dict[str, int] = {}
         self._ack_dirty: set[str] = set()
         self._state_dirty = False
+        self._limit = config.max_frame  # the broker's frame limit, as far as we know it
+        self._pre = bytearray()  # received while registering, not yet given to the decoder
+        self._ever_registered = False
+        self._away = False  # lost the connection that held the session: `Reconnected` due
+        self._conn_unconfirmed = 0  # the largest fire-and-forget frame sent on this connection
+        self._progress = 0  # messages shown and requests answered, ever
+        self._breaks: tuple[str, int, int] | None = None  # (reason, progress then, times)
 
     # --- read-only view ------------------------------------------------------------------
 
@@ -178,6 +219,12 @@ class ClientMachine:
         return frozenset(self._pending)
 
     @property
+    def max_frame(self) -> int:
+        """The broker's frame limit: announced in `registered`, else the configured one (or
+        what a `frame_too_large` refusal told)."""
+        return self._limit
+
+    @property
     def buffered(self) -> int:
         """Bytes waiting to be sent: unsent output plus requests waiting for a connection."""
         return self._out_bytes + self._queued_bytes
@@ -203,26 +250,31 @@ class ClientMachine:
             raise ClientClosed()
         if self._phase is not Phase.IDLE:
             raise RuntimeError(f"connection_made() while {self._phase.value}")
-        self._decoder = FrameDecoder(
-            max_frame=self.config.max_frame + DELIVER_HEADROOM, accept=BROKER_FRAME_TYPES
-        )
+        self._decoder = self._new_decoder()
         self._phase = Phase.REGISTERING
+        self._pre.clear()
         self._conn_max.clear()
         self._conn_acked.clear()
         self._ack_dirty.clear()
+        self._conn_unconfirmed = 0
         self._send_register()
 
-    def connection_lost(self) -> list[ev.Event]:
-        """The connection is gone (closed, reset, or dropped by the front end)."""
+    def connection_lost(self, reason: str = "the connection was lost") -> list[ev.Event]:
+        """The connection is gone (closed, reset, or dropped by the front end); `reason` is
+        passed on in `Disconnected` when it held the session."""
         events: list[ev.Event] = []
         if self._phase in (Phase.IDLE, Phase.CLOSED):
             return events
+        if self._phase is Phase.READY:
+            self._away = True
+            events.append(ev.Disconnected(reason))
         if self._register_req is not None and self._session_id is None:
             # The broker may have created the session without us hearing of it: the next
             # fresh register would meet our own orphan as a `conflict`. Take it over instead.
             self._fresh_unanswered = True
         self._phase = Phase.IDLE
         self._decoder = None
+        self._pre.clear()
         self._register_req = None
         self._out.clear()
         self._out_bytes = 0
@@ -245,12 +297,44 @@ class ClientMachine:
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> list[ev.Event]:
         """Bytes read from the connection; returns the events of every complete frame."""
+        events: list[ev.Event] = []
+        if self._decoder is None:
+            return events
+        if self._phase is not Phase.REGISTERING:
+            self._decode(data, events)
+            return events
+        # Registering: the decoder gets one frame at a time, so that whatever follows
+        # `registered` goes to a decoder that knows the limit it announced.
+        pre = self._pre
+        pre += data
+        while len(pre) >= _PREFIX.size and self._phase is Phase.REGISTERING:
+            decoder = self._decoder
+            if decoder is None:
+                break
+            (n,) = _PREFIX.unpack_from(pre)
+            end = _PREFIX.size + n
+            if n <= decoder.max_frame and len(pre) < end:
+                return events  # the rest of this frame is still to come
+            # (A prefix over the limit goes in whole: the decoder refuses it by its prefix.)
+            chunk = bytes(pre[:end])
+            del pre[:end]
+            self._decode(chunk, events)
+        # (The phase as it is now: handling the frames above may have changed it.)
+        phase = self.phase
+        if phase is Phase.READY and pre:
+            rest = bytes(pre)
+            pre.clear()
+            self._decode(rest, events)
+        elif phase is not Phase.REGISTERING:
+            pre.clear()
+        return events
+
+    def _decode(self, data: bytes | bytearray | memoryview, events: list[ev.Event]) -> None:
         decoder = self._decoder
         if decoder is None:
-            return []
+            return
         decoder.receive_data(data)
         items, fatal = decoder.drain()
-        events: list[ev.Event] = []
         for item in items:
             if self._decoder is not decoder:
                 break  # the machine finished (e.g. taken_over) while handling this batch
@@ -260,8 +344,7 @@ class ClientMachine:
                 continue
             self._receive(item, events)
         if fatal is not None and self._decoder is decoder:
-            events.append(ev.Disconnect(f"the broker sent an undecodable frame: {fatal}"))
-        return events
+            self._on_broken_stream(fatal, events)
 
     def receive_frame(self, frame: BrokerFrame) -> list[ev.Event]:
         """One decoded broker frame (for front ends that decode themselves, and tests)."""
@@ -298,21 +381,38 @@ class ClientMachine:
         return req
 
     def publish(self, topic: str, payload: bytes, *, confirm: bool = False) -> int | None:
-        """Queue a publish; with `confirm`, returns the req whose `RequestDone` confirms it."""
+        """Queue a publish; with `confirm`, returns the req whose `RequestDone` confirms it.
+        Raises `PayloadTooLarge`, queueing nothing, when its frame exceeds the broker's
+        limit."""
         self._check_open()
         if not confirm:
-            self._send(Publish(topic=topic, payload=payload), None)
+            frame = Publish(topic=topic, payload=payload)
+            self._check_fits(frame)
+            self._send(frame, None)
             return None
         req = self._new_req()
-        self._request(_Kind.PUBLISH, Publish(topic=topic, payload=payload, req=req), req)
+        frame = Publish(topic=topic, payload=payload, req=req)
+        self._check_fits(frame)
+        self._request(_Kind.PUBLISH, frame, req)
         return req
 
     def ping(self, status: str | None = None, details: dict[str, Any] | None = None) -> int | None:
-        """A keepalive ping with a health report; None (nothing sent) when not registered."""
+        """A keepalive ping with a health report; None (nothing sent) when not registered.
+        Raises `PayloadTooLarge` when `details` make it exceed the broker's frame limit."""
         if self._phase is not Phase.READY:
             return None
         req = self._new_req()
-        self._request(_Kind.PING, Ping(req=req, status=status, details=details), req)
+        frame = Ping(req=req, status=status, details=details)
+        if details:
+            size = len(encode(frame)) - _PREFIX.size
+            if size > self._limit:
+                raise PayloadTooLarge(
+                    size,
+                    self._limit,
+                    f"the health details make a ping of {size} bytes, over the broker's limit "
+                    f"of {self._limit} bytes: report less",
+                )
+        self._request(_Kind.PING, frame, req)
         return req
 
     def unregister(self) -> int:
@@ -351,12 +451,13 @@ class ClientMachine:
                 self._emit(encode(Ack(topic=topic, seq=seq)))
         self._ack_dirty.clear()
 
-    def close(self) -> list[ev.Event]:
-        """Stop for good. Output already queued (acks) is still returned by data_to_send()."""
+    def close(self, error: TetherError | None = None) -> list[ev.Event]:
+        """Stop for good, `error` saying why when it is not the application's wish. Output
+        already queued (acks) is still returned by data_to_send()."""
         if self._phase is Phase.CLOSED:
             return []
         events: list[ev.Event] = []
-        self._finish(None, events)
+        self._finish(error, events)
         return events
 
     # --- internals -----------------------------------------------------------------------
@@ -379,13 +480,49 @@ class ClientMachine:
 
     def _send(self, frame: ClientFrame, req: int | None) -> None:
         if self._phase is Phase.READY:
-            self._emit(encode(frame))
-            if req is not None:
-                self._pending[req].sent = True
+            self._emit_frame(frame, req)
         else:
             size = _size(frame)
             self._queue.append((frame, req, size))
             self._queued_bytes += size
+
+    def _emit_frame(self, frame: ClientFrame, req: int | None) -> None:
+        """Send `frame` on the registered connection, noting its size for a refusal."""
+        data = encode(frame)
+        self._emit(data)
+        pending = self._pending.get(req) if req is not None else None
+        if pending is not None:
+            pending.sent = True
+            pending.size = len(data) - _PREFIX.size
+        elif isinstance(frame, Publish):
+            self._conn_unconfirmed = max(self._conn_unconfirmed, len(data) - _PREFIX.size)
+
+    def _too_large(self, frame: ClientFrame) -> PayloadTooLarge | None:
+        """The error for a publish over the broker's limit, else None."""
+        if not isinstance(frame, Publish):
+            return None  # every other frame is small
+        limit = self._limit
+        if len(frame.payload) + 4 * len(frame.topic) + _PUBLISH_SLACK <= limit:
+            return None  # surely fits (a character takes at most 4 bytes in UTF-8)
+        size = len(encode(frame)) - _PREFIX.size
+        if size <= limit:
+            return None
+        return PayloadTooLarge(
+            size,
+            limit,
+            f"a message of {len(frame.payload)} bytes to {frame.topic!r} makes a frame of "
+            f"{size} bytes, over the broker's limit of {limit} bytes: send it in smaller "
+            "parts, or ask for a larger `tether serve --max-frame`",
+        )
+
+    def _check_fits(self, frame: Publish) -> None:
+        error = self._too_large(frame)
+        if error is not None:
+            raise error
+
+    def _new_decoder(self) -> FrameDecoder:
+        # A delivery wraps a payload that fitted in a publish with a slightly larger header.
+        return FrameDecoder(max_frame=self._limit + DELIVER_HEADROOM, accept=BROKER_FRAME_TYPES)
 
     def _register_frame(self, req: int, *, fresh: bool, takeover: bool) -> Register:
         c = self.config
@@ -424,6 +561,7 @@ class ClientMachine:
     def _finish(self, error: TetherError | None, events: list[ev.Event]) -> None:
         self._phase = Phase.CLOSED
         self._decoder = None
+        self._pre.clear()
         self._register_req = None
         failure = error or ClientClosed()
         for req in list(self._pending):
@@ -460,6 +598,7 @@ class ClientMachine:
         if seq <= self._last_seen.get(topic, 0):
             return
         self._last_seen[topic] = seq
+        self._progress += 1
         events.append(ev.Message(topic, seq, f.payload, f.redelivered, self._epoch))
 
     def _on_answer(
@@ -468,7 +607,10 @@ class ClientMachine:
         if req is None or self._phase is not Phase.READY:
             return
         p = self._pending.pop(req, None)
-        if p is None or p.kind is _Kind.RESUBSCRIBE:
+        if p is None:
+            return
+        self._progress += 1
+        if p.kind is _Kind.RESUBSCRIBE:
             return
         events.append(ev.RequestDone(req, result))
         if p.kind is _Kind.UNREGISTER:
@@ -488,9 +630,17 @@ class ClientMachine:
         self._expiry, self._keepalive = f.expiry, f.keepalive
         self._state_dirty = True
         self._phase = Phase.READY
+        self._ever_registered = True
+        if f.max_frame is not None and f.max_frame != self._limit:
+            self._limit = f.max_frame
+            # Nothing after `registered` was decoded yet (see receive_data).
+            self._decoder = self._new_decoder()
         events.append(
             ev.Registered(f.session_id, f.resumed, f.queued, f.dropped, f.keepalive, f.expiry)
         )
+        if self._away:
+            self._away = False
+            events.append(ev.Reconnected(f.resumed, f.queued))
         front: list[tuple[ClientFrame, int | None, int]] = []
         if not f.resumed:
             # A new session: its seqs start again at 1 and it has no subscriptions.
@@ -515,13 +665,20 @@ class ClientMachine:
         queue, self._queue = self._queue, deque()
         self._queued_bytes = 0
         for frame, req, _ in (*front, *queue):
-            self._emit(encode(frame))
-            pending = self._pending.get(req) if req is not None else None
-            if pending is not None:
-                pending.sent = True
+            error = self._too_large(frame)  # queued before this limit was known
+            if error is None:
+                self._emit_frame(frame, req)
+            elif req is not None:
+                self._pending.pop(req, None)
+                events.append(ev.RequestFailed(req, error))
+            else:
+                events.append(ev.Refused(error))
 
     def _on_error(self, f: Error, events: list[ev.Event]) -> None:
         code, req = f.code, f.req
+        if code == ErrorCode.FRAME_TOO_LARGE:
+            self._on_frame_refused(f, events)
+            return
         if self._phase is Phase.REGISTERING and req is not None and req == self._register_req:
             self._on_register_error(f, events)
             return
@@ -560,7 +717,14 @@ class ClientMachine:
             self._send_register()  # fresh, on the same connection
             return
         if code == ErrorCode.RATE_LIMITED:
-            events.append(ev.Disconnect("the broker is rate-limiting logins from this address"))
+            refusal = Rejected(code, f.message)
+            if not self._ever_registered:
+                # Only a wrong password is answered so: trying it again cannot help.
+                self._finish(refusal, events)
+                return
+            events.append(
+                ev.Disconnect("the broker is rate-limiting logins from this address", refusal)
+            )
             return
         error: TetherError
         if code == ErrorCode.AUTH_FAILED:
@@ -568,6 +732,92 @@ class ClientMachine:
         else:
             error = Rejected(code, f.message)
         self._finish(error, events)
+
+    def _on_frame_refused(self, f: Error, events: list[ev.Event]) -> None:
+        """The broker refused a frame of ours as too large and closes the connection."""
+        if self._phase is Phase.REGISTERING:
+            # Only the register went out on this connection: it would be refused again.
+            self._finish(
+                Rejected(
+                    f.code,
+                    f.message,
+                    hint="the register frame (with its metadata) is larger than the broker "
+                    "accepts: send less metadata",
+                ),
+                events,
+            )
+            return
+        # A frame sent on this connection, over a limit the broker did not announce (or
+        # announced larger: it changed). Take the limit from the refusal or, failing that,
+        # suspect the largest frame still unanswered; what exceeds it is never sent again.
+        match = _REFUSED_SIZES.search(f.message)
+        sent = [(req, p) for req, p in self._pending.items() if p.sent]
+        if match is not None:
+            limit = int(match.group(2))
+        else:
+            largest = max([p.size for _, p in sent] + [self._conn_unconfirmed])
+            limit = largest - 1 if largest > 0 else self._limit
+        self._limit = min(self._limit, max(limit, 1))
+        failed = False
+        for req, p in sent:
+            if p.size > self._limit:
+                del self._pending[req]
+                failed = True
+                events.append(
+                    ev.RequestFailed(
+                        req,
+                        PayloadTooLarge(
+                            p.size,
+                            self._limit,
+                            f"the broker refused a frame of {p.size} bytes as over its limit of "
+                            f"{self._limit} bytes ({f.message}); it is not sent again: send "
+                            "smaller messages, or ask for a larger `tether serve --max-frame`",
+                        ),
+                    )
+                )
+        if not failed:  # a fire-and-forget publish: the application hears of it by on_error
+            events.append(ev.BrokerError(f.code, f.message))
+
+    def _on_broken_stream(self, fatal: Exception, events: list[ev.Event]) -> None:
+        """The broker's byte stream cannot be decoded any further."""
+        if not self._ever_registered:
+            self._finish(
+                ConnectionFailed(
+                    f"the server did not answer as a Tether broker ({fatal}): check the host "
+                    "and port"
+                ),
+                events,
+            )
+            return
+        if isinstance(fatal, FrameTooLarge) and self._phase is Phase.READY:
+            # A delivery over our limit: it would come again on every connection.
+            self._finish(
+                PayloadTooLarge(
+                    fatal.size,
+                    self._limit,
+                    f"the broker sent a frame of {fatal.size} bytes, over this client's limit "
+                    f"of {fatal.limit} bytes (max_frame {self._limit} plus a delivery's "
+                    "header): set max_frame to the broker's --max-frame (a broker that "
+                    "announces its limit needs no setting)",
+                ),
+                events,
+            )
+            return
+        reason = f"the broker sent an undecodable frame: {fatal}"
+        last = self._breaks
+        times = last[2] + 1 if last and last[:2] == (reason, self._progress) else 1
+        self._breaks = (reason, self._progress, times)
+        if times >= _MAX_SAME_BREAKS:
+            self._finish(
+                ConnectionFailed(
+                    f"{reason}, on {times} connections in a row with nothing received between "
+                    "them: giving up, as the next one would break the same way; report it "
+                    "with the broker's log"
+                ),
+                events,
+            )
+            return
+        events.append(ev.Disconnect(reason))
 
 
 def _size(frame: ClientFrame) -> int:

@@ -11,7 +11,7 @@ from tether.protocol import DEFAULT_MAX_FRAME, HEALTH_STATUSES
 
 from .backoff import Backoff
 from .errors import SessionLost, TakenOver, TetherError
-from .events import Dropped
+from .events import Disconnected, Dropped, Reconnected
 from .machine import MachineConfig
 
 __all__ = ["ClientOptions", "Health", "HealthSource"]
@@ -50,10 +50,13 @@ class ClientOptions:
     takeover: bool = False
     state_file: str | os.PathLike[str] | None = None  # resume across process restarts
     request_timeout: float = 30.0  # per request waiting for the broker's answer
-    connect_timeout: float = 30.0  # connect() gives up after this long (retrying meanwhile)
+    # How long connect() waits for a first session while the broker does not answer; a
+    # refused connection or an unknown host fails at once.
+    connect_timeout: float = 30.0
     backoff_base: float = 0.1
     backoff_cap: float = 30.0
-    max_frame: int = DEFAULT_MAX_FRAME  # the broker's --max-frame
+    # The broker's --max-frame, for a broker that does not announce it in `registered`.
+    max_frame: int = DEFAULT_MAX_FRAME
     max_buffer: int = 8 << 20  # bytes queued for sending before publish() blocks
     health: HealthSource | None = None
     # Called from the client's dispatcher (in order with the messages), never concurrently.
@@ -61,6 +64,8 @@ class ClientOptions:
     on_dropped: Callable[[Dropped], object] | None = None
     on_taken_over: Callable[[TakenOver], object] | None = None
     on_error: Callable[[TetherError], object] | None = None
+    on_disconnected: Callable[[Disconnected], object] | None = None
+    on_reconnected: Callable[[Reconnected], object] | None = None
 
     def __post_init__(self) -> None:
         for name in ("request_timeout", "connect_timeout"):

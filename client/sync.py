@@ -123,8 +123,10 @@ class Client(FrontEnd):
     def connect(self, timeout: float | None = None) -> Client:
         """Start the client and wait until it holds a session (retrying meanwhile).
 
-        Raises `AuthFailed`, `Rejected` (e.g. `conflict`) or `ConnectionFailed` (the broker
-        was not reachable within `timeout`, default `options.connect_timeout`).
+        Raises `AuthFailed`, `Rejected` (e.g. `conflict`), or `ConnectionFailed`: at once when
+        the connection is refused or the host unknown, else when no session came within
+        `timeout` (default `options.connect_timeout`). Once a session was had, the client
+        retries for as long as it runs.
         """
         if self._close_started:
             raise ClientClosed()
@@ -145,14 +147,9 @@ class Client(FrontEnd):
                 self.close()
                 raise error
             if time.monotonic() >= deadline:
-                last = self._last_error
+                error = self._connect_timed_out(limit)
                 self.close()
-                o = self.options
-                raise ConnectionFailed(
-                    f"could not get a session from the broker at {o.host}:{o.port} within "
-                    f"{limit:g} s (last problem: {last or 'no answer'}): check that the broker "
-                    "runs there and that this machine can reach it"
-                )
+                raise error
             self._registered.wait(0.05)
         return self
 
@@ -191,6 +188,7 @@ class Client(FrontEnd):
             self._save_state()
             self._end_subscriptions()
         finally:
+            self._release_state_file()
             self._close_done.set()
 
     def unregister(self) -> None:
@@ -323,6 +321,11 @@ class Client(FrontEnd):
             except OSError as exc:
                 self._last_error = exc
                 self._log.info("connect_failed", host=o.host, port=o.port, error=str(exc))
+                if (refused := self._refused_at_once(exc)) is not None:
+                    with self._cond:
+                        self._on_events(self._machine.close(refused))
+                        self._cond.notify_all()
+                    break
             else:
                 with self._cond:
                     if self._stopping or self._machine.closed:
@@ -330,6 +333,7 @@ class Client(FrontEnd):
                         break
                     self._sock = sock
                     self._drop_connection = False
+                    self._ending = None
                     self._machine.connection_made()
                     self._cond.notify_all()
                 if self._read_connection(sock):
@@ -345,15 +349,17 @@ class Client(FrontEnd):
     def _read_connection(self, sock: socket.socket) -> bool:
         """Read until the connection ends; True if it registered."""
         registered = False
+        error: BaseException | None = None
+        transition = False
         try:
             while True:
                 try:
                     data = sock.recv(_READ_SIZE)
                 except OSError as exc:
-                    self._last_error = exc
+                    error = exc
                     break
                 if not data:
-                    self._last_error = ConnectionFailed("the broker closed the connection")
+                    error = ConnectionFailed("the broker closed the connection")
                     break
                 with self._cond:
                     self._on_events(self._machine.receive_data(data))
@@ -368,11 +374,14 @@ class Client(FrontEnd):
             with self._cond:
                 if self._sock is sock:
                     self._sock = None
-                self._on_events(self._machine.connection_lost())
+                events = self._machine.connection_lost(self._connection_ended(error))
+                transition = any(isinstance(e, ev.Disconnected) for e in events)
+                self._on_events(events)
                 self._cond.notify_all()
             with contextlib.suppress(OSError):
                 sock.close()
-        if not self._stopping and not self._machine.closed:
+        if not transition and not self._stopping and not self._machine.closed:
+            # (A connection that held the session is told as `disconnected`.)
             self._log.info("connection_lost", error=str(self._last_error))
         return registered
 
@@ -431,13 +440,11 @@ class Client(FrontEnd):
             if self._ping is not None and now - self._ping[1] >= interval:
                 # A whole keepalive without a pong: the broker or the path to it is dead.
                 self._log.warning("pong_timeout", waited=round(now - self._ping[1], 1))
-                self._last_error = ConnectionFailed("no pong from the broker")
+                self._ending = ConnectionFailed("no pong from the broker")
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
                 return
-            req = self._machine.ping(
-                health.status if health else None, dict(health.details) if health else None
-            )
+            req = self._ping_with(health)
             if req is not None and self._ping is None:
                 self._ping = (req, now)
 
@@ -528,8 +535,8 @@ class Client(FrontEnd):
 
     def _save_state(self) -> None:
         path = self.options.state_file
-        if path is None:
-            return
+        if path is None or (self._file_lock is not None and not self._file_lock.held):
+            return  # (a handler that outlived close(): the file is no longer ours)
         with self._state_lock:
             with self._lock:
                 state = self._machine.take_state()

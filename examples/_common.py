@@ -2,6 +2,9 @@
 ever typed on a command line.
 
     TETHER_HOST (127.0.0.1)  TETHER_PORT (7878)  TETHER_USERNAME (admin)  TETHER_PASSWORD
+
+The examples need the project's venv (scripts/run and scripts/test make it): run them with
+its Python, `.venv/bin/python examples/NAME.py`. Run with another Python, they say so.
 """
 
 from __future__ import annotations
@@ -10,7 +13,17 @@ import getpass
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any
+
+try:
+    import tether.client  # noqa: F401 - only to fail here, with a hint, not in each script
+except ModuleNotFoundError as exc:
+    script = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "NAME.py"
+    sys.exit(
+        f"{exc} (this Python, {sys.executable}, is not the project's): run the examples with "
+        f"the venv's Python, .venv/bin/python examples/{script} (scripts/run sets it up)"
+    )
 
 
 def connection_settings() -> dict[str, Any]:

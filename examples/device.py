@@ -3,8 +3,8 @@ obeys commands. The fleet-manager pattern: a manager subscribes to `fleet/teleme
 publishes to `fleet/<device>/commands`; the broker keeps the device's session (and its
 commands) while it is offline.
 
-    TETHER_PASSWORD=... python examples/device.py sensor-7 [--interval 5] [--count N]
-    TETHER_PASSWORD=... tether pub fleet/sensor-7/commands '{"interval": 1}'
+    TETHER_PASSWORD=... .venv/bin/python examples/device.py sensor-7 [--interval 5] [--count N]
+    TETHER_PASSWORD=... .venv/bin/tether pub fleet/sensor-7/commands '{"interval": 1}'
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import time
 
 from _common import connection_settings, show_client_logs
 
-from tether.client import Client, Health, Message
+from tether.client import Client, Health, Message, TetherError
 
 
 class Device:
@@ -61,19 +61,22 @@ def main() -> None:
         "tags": ["building-a", platform.machine()],
         "capabilities": ["telemetry", "set-interval"],
     }
-    with Client(
-        client_id=args.name,
-        metadata=metadata,
-        keepalive=10,
-        health=device.health,
-        state_file=f".{args.name}.state",  # a restarted device resumes its session
-        **connection_settings(),
-    ) as client:
-        client.subscribe(f"fleet/{args.name}/commands", device.on_command)
-        print(f"{args.name}: online as session {client.session_id}", flush=True)
-        while args.count is None or device.readings < args.count:
-            client.publish("fleet/telemetry", device.reading())
-            time.sleep(device.interval)
+    try:
+        with Client(
+            client_id=args.name,
+            metadata=metadata,
+            keepalive=10,
+            health=device.health,
+            state_file=f".{args.name}.state",  # a restarted device resumes its session
+            **connection_settings(),
+        ) as client:
+            client.subscribe(f"fleet/{args.name}/commands", device.on_command)
+            print(f"{args.name}: online as session {client.session_id}", flush=True)
+            while args.count is None or device.readings < args.count:
+                client.publish("fleet/telemetry", device.reading())
+                time.sleep(device.interval)
+    except TetherError as exc:  # taken over by another process, refused, ...: say why
+        raise SystemExit(f"{args.name}: stopped: {exc}") from None
     print(f"{args.name}: sent {device.readings} readings", flush=True)
 
 

@@ -1,10 +1,11 @@
 """A pipeline module that advertises its capabilities and answers requests, on the asyncio
 client. Requests are JSON on `modules/<name>/requests`: {"id": ..., "op": ..., "args": [...],
 "reply_to": TOPIC}; each answer goes to its `reply_to` topic as {"id": ..., "result": ...} or
-{"id": ..., "error": ...}. The broker queues requests while the module restarts.
+{"id": ..., "error": ...}. The broker queues requests while the module restarts. A module
+taken over by another process of the same name exits with status 1.
 
-    TETHER_PASSWORD=... python examples/module.py serve calc
-    TETHER_PASSWORD=... python examples/module.py call calc add 2 3      # prints 5
+    TETHER_PASSWORD=... .venv/bin/python examples/module.py serve calc
+    TETHER_PASSWORD=... .venv/bin/python examples/module.py call calc add 2 3      # prints 5
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ import contextlib
 import json
 import math
 import os
+import sys
 import uuid
 from collections.abc import Callable
 from typing import Any
 
 from _common import connection_settings, show_client_logs
 
-from tether.client import AsyncClient, Message, Timeout
+from tether.client import AsyncClient, Message, TetherError, Timeout
 
 OPERATIONS: dict[str, Callable[..., Any]] = {
     "add": lambda *xs: sum(xs),
@@ -30,7 +32,7 @@ OPERATIONS: dict[str, Callable[..., Any]] = {
 }
 
 
-async def serve(name: str) -> None:
+async def serve(name: str) -> int:
     metadata = {
         "name": name,
         "kind": "module",
@@ -62,7 +64,14 @@ async def serve(name: str) -> None:
 
         await client.subscribe(f"modules/{name}/requests", answer)
         print(f"module {name}: serving {', '.join(sorted(OPERATIONS))}", flush=True)
-        await asyncio.Event().wait()  # until interrupted
+        # Until interrupted, or until the client stops by itself: taken over by another
+        # process serving this name (which now gets the requests), or refused by the broker.
+        while not client.closed:
+            await asyncio.sleep(0.2)
+    if client.error is not None:
+        print(f"module {name}: stopped: {client.error}", file=sys.stderr, flush=True)
+        return 1
+    return 0
 
 
 async def call(name: str, op: str, args: list[str], timeout: float) -> int:
@@ -113,11 +122,15 @@ def main() -> int:
     call_cmd.add_argument("--timeout", type=float, default=10.0)
     args = parser.parse_args()
     show_client_logs()
-    if args.command == "serve":
-        with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(serve(args.name))
-        return 0
-    return asyncio.run(call(args.name, args.op, args.args, args.timeout))
+    try:
+        if args.command == "serve":
+            with contextlib.suppress(KeyboardInterrupt):
+                return asyncio.run(serve(args.name))
+            return 0
+        return asyncio.run(call(args.name, args.op, args.args, args.timeout))
+    except TetherError as exc:  # e.g. the state file in use by another `serve` of this name
+        print(f"module {args.name}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
-"""A subscriber that survives anything short of losing its disk: broker restarts, network
-cuts, and its own restarts. Its state file keeps the session and the last seq handled per
-topic, so after a restart it resumes, gets what was queued meanwhile, and never shows a
-message twice. If the broker forgot the session (expired, or the broker restarted), the
-client registers afresh, re-subscribes, and says so.
+"""A subscriber that keeps going through broker restarts, network cuts, and its own
+restarts. Its state file keeps the session and the last seq handled per topic, so after a
+restart of the script it resumes, gets what was queued meanwhile, and never shows a message
+twice. If the broker forgot the session (expired, or the broker restarted: sessions and
+queues live in its memory), the client registers afresh, re-subscribes, and says so; what
+was queued for it then is lost.
 
-    TETHER_PASSWORD=... python examples/resilient_subscriber.py alerts metrics
-    (restart the broker, kill and restart this script: nothing is lost or repeated)
+    TETHER_PASSWORD=... .venv/bin/python examples/resilient_subscriber.py alerts metrics
+    (kill and restart this script: nothing is lost or repeated; restart the broker: it
+    carries on with a new session)
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import time
 
 from _common import connection_settings, show_client_logs
 
-from tether.client import Client, Dropped, Message, SessionLost
+from tether.client import Client, Dropped, Message, SessionLost, TetherError
 
 
 def show(message: Message) -> None:
@@ -43,24 +45,27 @@ def main() -> None:
     args = parser.parse_args()
     show_client_logs()
 
-    with Client(
-        client_id=args.client_id,
-        state_file=args.state,
-        keepalive=5,  # notice a dead broker within seconds
-        backoff_cap=5.0,  # and come back soon after it does
-        connect_timeout=300.0,
-        on_session_lost=session_lost,
-        on_dropped=dropped,
-        **connection_settings(),
-    ) as client:
-        for topic in args.topics:
-            client.subscribe(topic, show)
-        print(f"listening on {', '.join(args.topics)}; Ctrl-C to stop", flush=True)
-        try:
-            while not client.closed:
-                time.sleep(1)
-        except KeyboardInterrupt:
-            pass
+    try:
+        with Client(
+            client_id=args.client_id,
+            state_file=args.state,
+            keepalive=5,  # notice a dead broker within seconds
+            backoff_cap=5.0,  # and come back soon after it does
+            connect_timeout=300.0,
+            on_session_lost=session_lost,
+            on_dropped=dropped,
+            **connection_settings(),
+        ) as client:
+            for topic in args.topics:
+                client.subscribe(topic, show)
+            print(f"listening on {', '.join(args.topics)}; Ctrl-C to stop", flush=True)
+            try:
+                while not client.closed:
+                    time.sleep(1)
+            except KeyboardInterrupt:
+                pass
+    except TetherError as exc:  # e.g. the state file in use by another process
+        raise SystemExit(f"stopped: {exc}") from None
     if client.error is not None:
         raise SystemExit(f"stopped: {client.error}")
 

@@ -155,6 +155,20 @@ class ChaosProxy:
         if down:
             self.cut_all()
 
+    def refuse(self) -> None:
+        """Stop listening (connections are refused, as by a host whose broker is down) and
+        cut every connection."""
+        # shutdown() first: it wakes the accept() under way, which close() alone does not.
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        self.cut_all()
+
+    def listen_again(self) -> None:
+        """After `refuse()`: accept connections again, on the same port."""
+        self._listener = socket.create_server(self.address)
+        threading.Thread(target=self._accept_loop, name="chaos-accept", daemon=True).start()
+
     def close(self) -> None:
         self._stopped = True
         self._listener.close()

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import json
+import queue
+import signal
 import subprocess
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import IO
 
 import pytest
 
-from tests.test_client_chaos import wait_until
-from tests.test_client_restart import cli_env, tether
+from tests.test_client_chaos import ChaosProxy, wait_until
+from tests.test_client_restart import cli_env, serve_broker, tether
 from tether.broker.server import Broker
+from tether.client import Client
+from tether.protocol import DEFAULT_MAX_FRAME
 
 
 @pytest.fixture
@@ -173,3 +180,258 @@ def test_password_comes_from_a_file(broker: Broker, port: str, tmp_path: Path) -
         check=False,
     )
     assert done.returncode == 0, done.stderr
+
+
+# --- issue 9 ------------------------------------------------------------------------------
+
+
+def pub_fails(port: str, *args: str) -> str:
+    """Run a `tether pub` that must fail; its stderr."""
+    done = subprocess.run(
+        tether("pub", *args, "--username", "alice", "--port", port),
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=20,
+        check=False,
+    )
+    assert done.returncode == 1, (done.returncode, done.stderr)
+    assert "Traceback" not in done.stderr
+    return done.stderr
+
+
+@pytest.mark.parametrize("confirm", [False, True], ids=["fire-and-forget", "confirm"])
+@pytest.mark.parametrize("size", [DEFAULT_MAX_FRAME, 2 * DEFAULT_MAX_FRAME], ids=["1MiB", "2MiB"])
+def test_pub_refuses_a_message_too_large_for_the_broker_and_sends_nothing(
+    broker: Broker, port: str, tmp_path: Path, confirm: bool, size: int
+) -> None:
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"x" * size)  # 1 MiB is the limit itself: its frame is larger
+    err = pub_fails(port, "t", "--file", str(big), *(["--confirm"] if confirm else []))
+    # One line: the size, the limit and what to do.
+    [line] = err.strip().splitlines()
+    assert line.startswith("tether: error: ")
+    assert str(DEFAULT_MAX_FRAME) in line and "--max-frame" in line
+    assert any(str(n) in line for n in range(size, size + 200)), line  # the frame's size
+    stats = broker.stats()
+    # Nothing published, one connection (no reconnect loop), no session left behind.
+    assert (stats["published"], stats["accepted"]) == (0, 1)
+    wait_until(lambda: broker.stats()["sessions"] == 0, 5, lambda: "the session to end")
+
+
+def test_pub_lines_stops_at_the_first_line_too_large(broker: Broker, port: str) -> None:
+    done = subprocess.run(
+        tether("pub", "t", "--lines", "--username", "alice", "--port", port),
+        input=b"small\n" + b"x" * (2 * DEFAULT_MAX_FRAME) + b"\nnever\n",
+        capture_output=True,
+        env=cli_env(),
+        timeout=20,
+        check=False,
+    )
+    assert done.returncode == 1
+    [line] = done.stderr.decode().strip().splitlines()
+    assert line.startswith("tether: error: line 2 of 3: ")
+    assert "line 1 was" in line
+    wait_until(lambda: broker.stats()["published"] == 1, 5, lambda: "line 1 published")
+
+
+class Watched:
+    """A running `tether` command whose stdout and stderr lines are read as they come."""
+
+    def __init__(self, args: list[str]) -> None:
+        self.proc = subprocess.Popen(
+            args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env()
+        )
+        self.out: queue.Queue[str | None] = queue.Queue()
+        self.err: queue.Queue[str | None] = queue.Queue()
+        self.err_seen: list[str] = []
+        for stream, lines in ((self.proc.stdout, self.out), (self.proc.stderr, self.err)):
+            threading.Thread(target=self._read, args=(stream, lines), daemon=True).start()
+
+    @staticmethod
+    def _read(stream: IO[str] | None, lines: queue.Queue[str | None]) -> None:
+        assert stream is not None
+        for line in stream:
+            lines.put(line.rstrip("\n"))
+        lines.put(None)
+
+    def stdout_line(self, timeout: float = 15.0) -> str:
+        try:
+            line = self.out.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"no output within {timeout} s; stderr: {self.err_seen}") from None
+        assert line is not None, f"the command ended; stderr: {self.err_seen}"
+        return line
+
+    def stderr_line(self, wanted: Callable[[str], bool], timeout: float = 15.0) -> str:
+        """The next stderr line that `wanted` accepts (others are kept in err_seen)."""
+        while True:
+            try:
+                line = self.err.get(timeout=timeout)
+            except queue.Empty:
+                raise AssertionError(f"no such line within {timeout} s: {self.err_seen}") from None
+            assert line is not None, f"the command ended; stderr: {self.err_seen}"
+            self.err_seen.append(line)
+            if wanted(line):
+                return line
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+
+
+@pytest.fixture
+def watched() -> Iterator[list[Watched]]:
+    started: list[Watched] = []
+    yield started
+    for command in started:
+        command.stop()
+
+
+def watch_sub(
+    watched: list[Watched], broker: Broker, port: str, *args: str, subscriptions: int = 1
+) -> Watched:
+    """A `tether sub`, once the broker has its subscription."""
+    before = broker.stats()["topics"]
+    command = Watched(tether("sub", *args, "--username", "alice", "--port", port))
+    watched.append(command)
+    wait_until(
+        lambda: (
+            broker.stats()["topics"] >= before + subscriptions or command.proc.poll() is not None
+        ),
+        15,
+        lambda: "the subscription",
+    )
+    return command
+
+
+@pytest.fixture
+def proxy(broker: Broker) -> Iterator[ChaosProxy]:
+    """A proxy to the broker that can be taken down (and never cuts on its own)."""
+    assert broker.address is not None
+    made = ChaosProxy(broker.address, cut_bytes=None, cut_seconds=None)
+    yield made
+    made.close()
+
+
+def test_sub_says_when_the_connection_is_lost_and_when_the_session_is_resumed(
+    broker: Broker, port: str, proxy: ChaosProxy, watched: list[Watched]
+) -> None:
+    where = str(proxy.address[1])
+    listener = watch_sub(watched, broker, where, "news")
+    proxy.set_down(True)
+    lost = listener.stderr_line(lambda line: "lost" in line)
+    assert lost.startswith(f"tether: lost the connection to 127.0.0.1:{where}")
+    wait_until(lambda: broker.stats()["connected"] == 0, 5, lambda: "the broker to notice")
+    pub(port, "news", "--lines", "--confirm", stdin=b"one\ntwo\n")
+    proxy.set_down(False)
+    back = listener.stderr_line(lambda line: "reconnected" in line)
+    assert (
+        back
+        == f"tether: reconnected to 127.0.0.1:{where}: session resumed, 2 queued messages to come"
+    )
+    assert [listener.stdout_line(), listener.stdout_line()] == ["one", "two"]
+    # One line each way, nothing else (no retry noise while the broker was unreachable).
+    assert listener.err_seen == [lost, back]
+
+
+def test_sub_interrupted_while_the_broker_is_away_ends_within_bounds(
+    broker: Broker, proxy: ChaosProxy, watched: list[Watched]
+) -> None:
+    listener = watch_sub(watched, broker, str(proxy.address[1]), "news")
+    proxy.set_down(True)
+    listener.stderr_line(lambda line: "lost the connection" in line)
+    started = time.monotonic()
+    listener.proc.send_signal(signal.SIGTERM)
+    assert listener.proc.wait(15) == 128 + signal.SIGTERM
+    assert time.monotonic() - started < 12  # UNREGISTER_TIMEOUT, and the close after it
+    told = listener.stderr_line(lambda line: "could not end the session" in line)
+    assert "lingers on the broker until it expires" in told
+
+
+def test_sub_says_when_a_restarted_broker_gave_it_a_new_session(
+    users_file: Path, watched: list[Watched]
+) -> None:
+    brokers: list[subprocess.Popen[bytes]] = []
+    try:
+        port = str(serve_broker(users_file, 0, brokers))
+        listener = Watched(tether("sub", "news", "--username", "alice", "--port", port))
+        watched.append(listener)
+        wait_until(lambda: topics(port) == 1, 15, lambda: "the subscription")
+        brokers[0].send_signal(signal.SIGTERM)
+        brokers[0].wait(10)
+        lost = listener.stderr_line(lambda line: "lost" in line)
+        assert lost.startswith(f"tether: lost the connection to 127.0.0.1:{port}")
+        serve_broker(users_file, int(port), brokers)  # a new broker process knows no sessions
+        back = listener.stderr_line(lambda line: "reconnected" in line)
+        assert back == (
+            f"tether: reconnected to 127.0.0.1:{port} with a new session (the old one was "
+            "gone): the messages queued for it are lost"
+        )
+        wait_until(lambda: topics(port) == 1, 15, lambda: "the subscription again")
+        pub(port, "news", "again", "--confirm")
+        assert listener.stdout_line() == "again"
+        assert listener.err_seen == [lost, back]  # and no long warning besides
+    finally:
+        for proc in brokers:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(10)
+
+
+def topics(port: str) -> int:
+    """The `topics` counter of the broker at `port` (asked over the wire)."""
+    with Client(
+        client_id="counter-reader", username="bob", password="hunter2", port=int(port)
+    ) as reader:
+        count: int = reader.stats()["topics"]
+        reader.unregister()
+    return count
+
+
+@pytest.mark.parametrize("end", ["count", "SIGINT", "SIGTERM"])
+def test_sub_without_state_leaves_no_session_behind(
+    broker: Broker, port: str, processes: list[subprocess.Popen[str]], end: str
+) -> None:
+    assert broker.stats()["sessions"] == 0
+    listener = sub(processes, broker, port, "ghost", *(["--count", "1"] if end == "count" else []))
+    assert broker.stats()["sessions"] == 1
+    if end == "count":
+        pub(port, "ghost", "boo", "--confirm")
+    else:
+        listener.send_signal(getattr(signal, end))
+    out, err = listener.communicate(timeout=15)
+    assert out.splitlines() == (["boo"] if end == "count" else [])
+    expected = {"count": 0, "SIGINT": 128 + signal.SIGINT, "SIGTERM": 128 + signal.SIGTERM}
+    assert listener.returncode == expected[end], err
+    assert "Traceback" not in err
+    wait_until(lambda: broker.stats()["sessions"] == 0, 5, lambda: "the session to end")
+    # Messages published now are queued for nobody.
+    pub(port, "ghost", "unheard", "--confirm")
+    assert broker.stats()["queued"] == 0
+
+
+def test_sub_with_state_keeps_its_session_when_interrupted(
+    broker: Broker, port: str, tmp_path: Path, processes: list[subprocess.Popen[str]]
+) -> None:
+    state = str(tmp_path / "keep.state")
+    listener = sub(processes, broker, port, "kept", "--state", state, "--client-id", "keeper")
+    listener.send_signal(signal.SIGINT)
+    listener.communicate(timeout=15)
+    assert listener.returncode == 128 + signal.SIGINT
+    pub(port, "kept", "while away", "--confirm")
+    stats = broker.stats()
+    assert (stats["sessions"], stats["queued"]) == (1, 1)
+
+
+def test_pub_help_mentions_only_its_own_options() -> None:
+    def help_of(command: str) -> str:
+        done = subprocess.run(
+            tether(command, "--help"), capture_output=True, text=True, env=cli_env(), timeout=30
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    assert "--state" not in help_of("pub")
+    assert "--state" in help_of("sub")

@@ -8,6 +8,7 @@ exactly once and in order, however the connections are cut.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -16,7 +17,14 @@ from hypothesis import strategies as st
 
 from tether.client import ClientMachine, MachineConfig, Phase, SavedState
 from tether.client import events as ev
-from tether.client.errors import AuthFailed, ClientClosed, Rejected, TakenOver
+from tether.client.errors import (
+    AuthFailed,
+    ClientClosed,
+    ConnectionFailed,
+    PayloadTooLarge,
+    Rejected,
+    TakenOver,
+)
 from tether.protocol import (
     CLIENT_FRAME_TYPES,
     Ack,
@@ -173,12 +181,30 @@ def test_auth_failed_and_conflict_end_the_machine() -> None:
 
 
 def test_rate_limited_asks_for_a_new_connection_later() -> None:
+    # Once a session was had: a new connection later (see below for the first connect).
+    machine, _ = ready()
+    machine.connection_lost()
+    machine.connection_made()
+    (reg,) = sent(machine)
+    events = feed(machine, Error(req=reg.req, code="rate_limited", message="slow down"))  # type: ignore[union-attr]
+    (event,) = events
+    assert isinstance(event, ev.Disconnect)
+    assert isinstance(event.error, Rejected) and event.error.code == "rate_limited"
+    assert "slow down" in str(event.error)
+    assert not machine.closed
+
+
+def test_rate_limited_before_the_first_session_ends_the_machine_with_the_brokers_word() -> None:
+    """Issue 9 item 3: only a wrong password is answered `rate_limited`; retrying it until a
+    timeout ended in "no answer ... check that the broker runs"."""
     machine = ClientMachine(CONFIG)
     machine.connection_made()
     (reg,) = sent(machine)
-    (event,) = feed(machine, Error(req=reg.req, code="rate_limited", message="slow down"))  # type: ignore[union-attr]
-    assert isinstance(event, ev.Disconnect)
-    assert not machine.closed
+    (closed,) = feed(machine, Error(req=reg.req, code="rate_limited", message="slow down"))  # type: ignore[union-attr]
+    assert isinstance(closed, ev.Closed) and isinstance(closed.error, Rejected)
+    assert closed.error.code == "rate_limited"
+    assert "slow down" in str(closed.error) and "check the password" in str(closed.error)
+    assert machine.closed
 
 
 def test_duplicates_are_dropped_and_acks_follow_what_was_handled() -> None:
@@ -216,7 +242,9 @@ def test_in_flight_requests_are_sent_again_and_pings_are_not() -> None:
     ping = machine.ping("degraded", {"disk": 0.93})
     assert sent(machine)[-1] == Ping(req=ping, status="degraded", details={"disk": 0.93})
     events = machine.connection_lost()
-    assert [type(e) for e in events] == [ev.RequestFailed] and events[0].req == ping  # type: ignore[union-attr]
+    # (Issue 9 item 7 added the `Disconnected` of the session's connection.)
+    assert [type(e) for e in events] == [ev.Disconnected, ev.RequestFailed]
+    assert events[1].req == ping  # type: ignore[union-attr]
     assert machine.ping() is None  # no ping without a connection
     later = machine.publish("t", b"later")
     assert later is None
@@ -718,3 +746,233 @@ def test_every_message_once_and_in_order_however_connections_are_cut(
         published = q["next"] - 1
         assert got[topic] == list(range(1, published + 1)), topic
         assert q["acked"] == published, "the broker still holds unacked deliveries"
+
+
+# --- issue 9: frame limits, loops that must not be, transitions ---------------------------
+
+LIMIT = 1000
+SMALL = MachineConfig(client_id="dev-1", username="alice", password="secret", max_frame=LIMIT)
+
+
+def _publish_size(topic: str, payload: bytes, req: int | None = None) -> int:
+    return len(encode(Publish(topic=topic, payload=payload, req=req))) - 4
+
+
+def test_a_publish_over_the_limit_is_refused_at_the_call_and_nothing_is_queued() -> None:
+    machine = ClientMachine(SMALL)
+    fits = b"x" * (LIMIT - _publish_size("t", b"x" * 300) + 300)  # (bin16 header at 300)
+    assert _publish_size("t", fits) == LIMIT
+    machine.publish("t", fits)  # exactly the limit: accepted
+    before = machine.buffered
+    with pytest.raises(PayloadTooLarge) as info:
+        machine.publish("t", fits + b"x")
+    assert info.value.size == LIMIT + 1 and info.value.limit == LIMIT
+    assert f"{LIMIT + 1} bytes" in str(info.value) and f"limit of {LIMIT}" in str(info.value)
+    with pytest.raises(PayloadTooLarge):
+        machine.publish("t", b"x" * LIMIT, confirm=True)  # the limit itself: the frame is more
+    assert machine.buffered == before and machine.pending_requests == frozenset()
+    machine.connection_made()
+    (reg,) = sent(machine)
+    feed(machine, registered(reg.req))  # type: ignore[union-attr]
+    assert sent(machine) == [Publish(topic="t", payload=fits)]
+    with pytest.raises(PayloadTooLarge):
+        machine.publish("t", fits + b"x")
+    assert sent(machine) == []
+
+
+def test_the_announced_limit_rules_what_is_sent_and_received() -> None:
+    machine = ClientMachine(SMALL)
+    machine.connection_made()
+    (reg,) = sent(machine)
+    big = b"y" * (4 * LIMIT)
+    # `registered` and a large delivery right behind it, in one read: the delivery is judged
+    # by the limit `registered` announced, not by the configured one.
+    events = machine.receive_data(
+        encode(registered(reg.req, max_frame=8 * LIMIT))  # type: ignore[union-attr]
+        + encode(Deliver(topic="t", seq=1, payload=big))
+    )
+    assert [type(e) for e in events] == [ev.Registered, ev.Message]
+    assert events[1].payload == big  # type: ignore[union-attr]
+    assert machine.max_frame == 8 * LIMIT
+    req = machine.publish("t", big, confirm=True)
+    assert sent(machine) == [Publish(topic="t", payload=big, req=req)]
+    with pytest.raises(PayloadTooLarge) as info:
+        machine.publish("t", big * 2)
+    assert info.value.limit == 8 * LIMIT
+
+
+def test_requests_queued_under_a_larger_limit_fail_when_a_smaller_one_is_announced() -> None:
+    machine = ClientMachine(SMALL)
+    small = machine.publish("t", b"small", confirm=True)
+    big = machine.publish("t", b"z" * 600, confirm=True)
+    machine.publish("t", b"w" * 600)
+    machine.connection_made()
+    (reg,) = sent(machine)
+    events = feed(machine, registered(reg.req, max_frame=500))  # type: ignore[union-attr]
+    failed = [e for e in events if isinstance(e, ev.RequestFailed)]
+    assert [e.req for e in failed] == [big]
+    assert isinstance(failed[0].error, PayloadTooLarge) and failed[0].error.limit == 500
+    (refused,) = [e for e in events if isinstance(e, ev.Refused)]
+    assert isinstance(refused.error, PayloadTooLarge)
+    assert sent(machine) == [Publish(topic="t", payload=b"small", req=small)]
+    assert machine.pending_requests == frozenset({small})
+
+
+def test_a_frame_the_broker_refuses_as_too_large_fails_its_request_and_is_never_sent_again() -> (
+    None
+):
+    """Issue 9 item 1: the same oversized frame went out again at every reconnect."""
+    machine, _ = ready()  # the broker did not announce its limit (an older broker)
+    big = b"b" * 5000
+    first = machine.publish("t", b"ok", confirm=True)
+    req = machine.publish("t", big, confirm=True)
+    after = machine.publish("t", b"after", confirm=True)
+    sent(machine)
+    size = _publish_size("t", big, req)
+    message = f"frame of {size} bytes exceeds the limit of 4096 bytes"
+    events = feed(machine, Ok(req=first), Error(code="frame_too_large", message=message))
+    assert events[0] == ev.RequestDone(first)
+    (failed,) = events[1:]
+    assert isinstance(failed, ev.RequestFailed) and failed.req == req
+    assert isinstance(failed.error, PayloadTooLarge)
+    assert (failed.error.size, failed.error.limit) == (size, 4096)
+    # The broker closes the connection; on the next one the refused frame is not sent again.
+    machine.connection_lost()
+    machine.connection_made()
+    (reg,) = sent(machine)
+    feed(machine, registered(reg.req, resumed=True))  # type: ignore[union-attr]
+    assert sent(machine) == [Publish(topic="t", payload=b"after", req=after)]
+    assert machine.max_frame == 4096
+    with pytest.raises(PayloadTooLarge):
+        machine.publish("t", big)
+
+
+def test_a_refusal_without_sizes_blames_the_largest_unanswered_frame() -> None:
+    machine, _ = ready()
+    small = machine.publish("t", b"s", confirm=True)
+    big = machine.publish("t", b"b" * 3000, confirm=True)
+    sent(machine)
+    (failed,) = feed(machine, Error(code="frame_too_large", message="too big"))
+    assert isinstance(failed, ev.RequestFailed) and failed.req == big
+    assert machine.pending_requests == frozenset({small})
+    # A fire-and-forget one has no request to fail: the application hears of it as an error.
+    machine2, _ = ready()
+    machine2.publish("t", b"b" * 3000)
+    sent(machine2)
+    assert feed(machine2, Error(code="frame_too_large", message="too big")) == [
+        ev.BrokerError("frame_too_large", "too big")
+    ]
+    with pytest.raises(PayloadTooLarge):
+        machine2.publish("t", b"b" * 3000)
+
+
+def test_failures_that_would_repeat_on_every_connection_end_the_machine() -> None:
+    # A register too large for the broker (its metadata): refused at once, or by the broker.
+    with pytest.raises(PayloadTooLarge, match="metadata"):
+        ClientMachine(replace(SMALL, metadata={"x": "m" * LIMIT}))
+    machine = ClientMachine(CONFIG)
+    machine.connection_made()
+    sent(machine)
+    (closed,) = feed(machine, Error(code="frame_too_large", message="frame of 9 bytes ..."))
+    assert isinstance(closed, ev.Closed) and isinstance(closed.error, Rejected)
+    assert "metadata" in str(closed.error)
+    # A delivery larger than the client accepts (an older broker that does not announce its
+    # limit, and a client configured below it): it would be redelivered on every connection.
+    machine, _ = ready()
+    machine.subscribe("t")
+    events = feed(machine, Deliver(topic="t", seq=1, payload=b"p" * (2 << 20)))
+    (closed,) = [e for e in events if isinstance(e, ev.Closed)]
+    assert isinstance(closed.error, PayloadTooLarge) and "max_frame" in str(closed.error)
+    assert machine.closed
+
+
+def test_something_else_than_a_broker_ends_the_first_connect() -> None:
+    machine = ClientMachine(CONFIG)
+    machine.connection_made()
+    sent(machine)
+    (closed,) = machine.receive_data(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+    assert isinstance(closed, ev.Closed) and isinstance(closed.error, ConnectionFailed)
+    assert "not answer as a Tether broker" in str(closed.error)
+
+
+def test_a_stream_broken_the_same_way_again_and_again_ends_the_machine() -> None:
+    machine, _ = ready()
+    outcomes = []
+    for _ in range(3):
+        outcomes.append(machine.receive_data(b"\x00\x00\x00\x00"))
+        if machine.closed:
+            break
+        machine.connection_lost()
+        machine.connection_made()
+        (reg,) = sent(machine)
+        feed(machine, registered(reg.req, resumed=True))  # type: ignore[union-attr]
+    assert [type(e) for e in outcomes[0]] == [ev.Disconnect]
+    assert [type(e) for e in outcomes[1]] == [ev.Disconnect]
+    (closed,) = outcomes[2]
+    assert isinstance(closed, ev.Closed) and "3 connections in a row" in str(closed.error)
+    # Progress between two breaks (a message shown) starts the count again.
+    machine, _ = ready()
+    for seq in range(1, 6):
+        assert [type(e) for e in machine.receive_data(b"\x00\x00\x00\x00")] == [ev.Disconnect]
+        machine.connection_lost()
+        machine.connection_made()
+        (reg,) = sent(machine)
+        feed(machine, registered(reg.req, resumed=True), Deliver(topic="t", seq=seq, payload=b""))  # type: ignore[union-attr]
+    assert not machine.closed
+
+
+def test_disconnected_and_reconnected_once_per_transition() -> None:
+    """Issue 9 item 7: one event when the session's connection is lost, one when it is back;
+    none for the attempts between."""
+    machine = ClientMachine(CONFIG)
+    machine.connection_made()
+    assert machine.connection_lost("refused") == []  # never held a session: no transition
+    machine.connection_made()
+    (reg,) = sent(machine)
+    events = feed(machine, registered(reg.req))  # type: ignore[union-attr]
+    assert [type(e) for e in events] == [ev.Registered]  # the first session: no Reconnected
+    assert machine.connection_lost("reset by peer") == [ev.Disconnected("reset by peer")]
+    for _ in range(3):  # attempts that fail while registering: nothing more
+        machine.connection_made()
+        sent(machine)
+        assert machine.connection_lost("closed") == []
+    machine.connection_made()
+    (reg,) = sent(machine)
+    events = feed(machine, registered(reg.req, resumed=True, queued=4))  # type: ignore[union-attr]
+    assert [type(e) for e in events] == [ev.Registered, ev.Reconnected]
+    assert events[1] == ev.Reconnected(resumed=True, queued=4)
+    # A session gone while away: back with a new one, told as not resumed.
+    machine.connection_lost()
+    machine.connection_made()
+    (reg,) = sent(machine)
+    feed(machine, Error(req=reg.req, code="unknown_session", message="gone"))  # type: ignore[union-attr]
+    (fresh,) = sent(machine)
+    events = feed(machine, registered(fresh.req))  # type: ignore[union-attr]
+    assert ev.Reconnected(resumed=False, queued=0) in events
+    assert any(isinstance(e, ev.SessionLost) for e in events)
+    # Closing is not a disconnection.
+    machine.close()
+    assert machine.connection_lost() == []
+
+
+def test_the_auth_failed_hint_points_at_a_broker_restart_not_at_user_add() -> None:
+    """Issue 9 item 4."""
+    machine = ClientMachine(CONFIG)
+    machine.connection_made()
+    (reg,) = sent(machine)
+    (closed,) = feed(machine, Error(req=reg.req, code="auth_failed", message="wrong"))  # type: ignore[union-attr]
+    text = str(closed.error)  # type: ignore[union-attr]
+    assert "tether user add" not in text
+    assert "restart" in text and "'alice'" in text and "password" in text
+
+
+def test_a_ping_whose_health_details_are_too_large_is_refused_at_the_call() -> None:
+    machine = ClientMachine(SMALL)
+    machine.connection_made()
+    (reg,) = sent(machine)
+    feed(machine, registered(reg.req))  # type: ignore[union-attr]
+    with pytest.raises(PayloadTooLarge, match="health details"):
+        machine.ping("degraded", {"log": "x" * LIMIT})
+    assert sent(machine) == [] and machine.pending_requests == frozenset()
+    req = machine.ping("degraded")
+    assert sent(machine) == [Ping(req=req, status="degraded")]

@@ -109,7 +109,7 @@ def test_a_killed_subscriber_restarted_with_its_state_file_loses_nothing(
     assert after == list(range(resumed_at, n + 1))
 
 
-def _serve(users: Path, port: int, processes: list[subprocess.Popen[bytes]]) -> int:
+def serve_broker(users: Path, port: int, processes: list[subprocess.Popen[bytes]]) -> int:
     proc = subprocess.Popen(
         tether("serve", "--port", str(port), "--users", str(users), "--log-format", "json"),
         stdout=subprocess.PIPE,
@@ -128,7 +128,7 @@ def _serve(users: Path, port: int, processes: list[subprocess.Popen[bytes]]) -> 
 def test_a_subscriber_survives_the_broker_being_restarted(
     users_file: Path, processes: list[subprocess.Popen[bytes]]
 ) -> None:
-    port = _serve(users_file, 0, processes)
+    port = serve_broker(users_file, 0, processes)
     lost: list[SessionLost] = []
     got: list[bytes] = []
     options = {"username": "alice", "password": "secret", "port": port, **FAST}
@@ -137,7 +137,7 @@ def test_a_subscriber_survives_the_broker_being_restarted(
         processes[0].send_signal(signal.SIGTERM)
         processes[0].wait(10)
         wait_until(lambda: not sub.connected, 5, lambda: "the connection loss")
-        _serve(users_file, port, processes)  # a new broker process knows no sessions
+        serve_broker(users_file, port, processes)  # a new broker process knows no sessions
         wait_until(lambda: bool(lost) and sub.connected, 10, lambda: "a new session")
         with Client(client_id="pub", **options) as pub:  # type: ignore[arg-type]
             deadline = time.monotonic() + 5

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from tests.test_client_chaos import FAST, ChaosProxy, wait_until
+from tests.test_client_connect import free_port
 from tether.broker.server import Broker
 from tether.client import (
     AuthFailed,
@@ -82,8 +83,10 @@ def test_wrong_password_fails_connect_without_retrying(broker: Broker) -> None:
 
 
 def test_unreachable_broker_fails_connect_after_the_timeout() -> None:
+    # (A port nothing listens on, rather than port 1, which some machines do use.)
+    port = free_port()
     with pytest.raises(ConnectionFailed, match="check that the broker runs"):
-        Client(client_id="x", username="u", password="p", port=1, connect_timeout=0.3).connect()
+        Client(client_id="x", username="u", password="p", port=port, connect_timeout=0.3).connect()
 
 
 def test_conflict_is_rejected_and_takeover_replaces(broker: Broker) -> None:

@@ -171,16 +171,79 @@ def test_resilient_subscriber_killed_and_restarted_loses_and_repeats_nothing(
         second.lines.get(timeout=0.5)
 
 
-def test_the_readme_example_runs_as_printed(
-    broker: Broker, capsys: pytest.CaptureFixture[str]
+def test_module_taken_over_exits_non_zero(
+    broker: Broker, tmp_path: Path, scripts: list[Script]
 ) -> None:
-    readme = (REPO / "README.md").read_text()
-    code = readme.split("```python\n", 1)[1].split("```", 1)[0]
-    assert len(code.strip().splitlines()) == 6  # five lines and a blank one
+    module = run(broker, tmp_path, scripts, "module.py", "serve", "calc")
+    assert module.line() == "module calc: serving add, mul, upper"
     assert broker.address is not None
-    # The README talks to scripts/run's broker and admin user; this one is the test broker.
-    code = code.replace('username="admin"', 'username="alice"')
-    code = code.replace('"PASSWORD FROM scripts/run"', f'"secret", port={broker.address[1]}')
-    exec(compile(code, "README.md", "exec"), {})
-    # (the in-process broker logs to stdout too)
-    assert "hello" in capsys.readouterr().out.splitlines()
+    Client(
+        client_id="module-calc",
+        takeover=True,
+        username="alice",
+        password="secret",
+        port=broker.address[1],
+    ).connect().unregister()
+    assert module.proc.wait(15) == 1
+    assert module.proc.stderr is not None
+    err = module.proc.stderr.read()
+    assert "module calc: stopped: another client took over" in err
+    assert "Traceback" not in err
+
+
+def test_a_second_module_of_the_same_name_is_refused_at_start(
+    broker: Broker, tmp_path: Path, scripts: list[Script]
+) -> None:
+    first = run(broker, tmp_path, scripts, "module.py", "serve", "calc")
+    assert first.line() == "module calc: serving add, mul, upper"
+    second = run(broker, tmp_path, scripts, "module.py", "serve", "calc")  # same state file
+    assert second.proc.wait(15) == 1
+    assert second.proc.stderr is not None
+    [line] = second.proc.stderr.read().strip().splitlines()
+    assert line.startswith("module calc: the state file .module-calc.state is in use by process")
+    # The first one was not disturbed: it still answers.
+    added = subprocess.run(
+        [sys.executable, str(EXAMPLES / "module.py"), "call", "calc", "add", "2", "3"],
+        capture_output=True,
+        text=True,
+        env=env_for(broker),
+        cwd=tmp_path,
+        timeout=30,
+        check=False,
+    )
+    assert (added.returncode, added.stdout) == (0, "5\n"), added.stderr
+    assert first.proc.poll() is None
+
+
+def usage_lines(example: Path) -> list[str]:
+    """The command lines in an example's docstring."""
+    doc = example.read_text().split('"""')[1]
+    return [line.strip() for line in doc.splitlines() if "examples/" in line]
+
+
+@pytest.mark.parametrize("example", sorted(EXAMPLES.glob("[!_]*.py")), ids=lambda path: path.name)
+def test_examples_say_to_run_them_with_the_venvs_python(example: Path, tmp_path: Path) -> None:
+    usage = usage_lines(example)
+    assert usage, f"{example.name} shows no command line"
+    for line in usage:
+        assert f".venv/bin/python examples/{example.name}" in line, line
+    # Run with a Python that does not have the project (no site-packages, no PYTHONPATH),
+    # it says what to do in one line instead of a traceback.
+    foreign = subprocess.run(
+        [sys.executable, "-S", "-E", str(example), "x"],
+        capture_output=True,
+        text=True,
+        env=env_for_foreign_python(),
+        cwd=tmp_path,
+        timeout=30,
+        check=False,
+    )
+    assert foreign.returncode == 1
+    [line] = foreign.stderr.strip().splitlines()
+    assert f".venv/bin/python examples/{example.name}" in line
+
+
+def env_for_foreign_python() -> dict[str, str]:
+    env = {key: value for key, value in cli_env().items() if key != "PYTHONPATH"}
+    env["TETHER_PASSWORD"] = "secret"
+    return env
