@@ -48,9 +48,8 @@ from .frames import (
     Subscribe,
     Unregister,
     Unsubscribe,
-    from_wire,
-    to_wire,
 )
+from .maps import from_wire, to_wire
 
 __all__ = [
     "BROKER_FRAME_TYPES",

@@ -13,7 +13,8 @@ from typing import Any, Final
 import msgpack
 
 from .errors import BadFrame, BadRequest, FrameTooLarge, RemoteProtocolError
-from .frames import DEFAULT_MAX_FRAME, FRAME_TYPES, Frame, from_wire, to_wire
+from .frames import DEFAULT_MAX_FRAME, FRAME_TYPES, Frame
+from .maps import from_wire, to_wire
 
 __all__ = [
     "NEED_DATA",

@@ -4,13 +4,30 @@ frame. Free-form maps (`metadata`, `details`) need only be msgpack-encodable."""
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, ClassVar, NoReturn
+from typing import Any, ClassVar
 
-from .errors import BadRequest, LocalProtocolError
+from .fields import (
+    _INT_MAX,
+    _INT_MIN,
+    DEFAULT_MAX_FRAME,
+    DELIVER_HEADROOM,
+    HEALTH_STATUSES,
+    MAX_CLIENT_ID_CHARS,
+    MAX_KEEPALIVE,
+    MAX_TOPIC_CHARS,
+    _bool,
+    _bytes,
+    _dict,
+    _fail,
+    _int,
+    _opt_int,
+    _opt_str,
+    _str,
+    _topic,
+)
 
 __all__ = [
     "BROKER_FRAME_TYPES",
@@ -37,78 +54,7 @@ __all__ = [
     "Subscribe",
     "Unregister",
     "Unsubscribe",
-    "from_wire",
-    "to_wire",
 ]
-
-DEFAULT_MAX_FRAME = 1 << 20
-# A deliver frame wraps a payload that fitted in a publish frame of at most max_frame bytes
-# with a slightly different envelope, so clients must accept a little more than brokers.
-DELIVER_HEADROOM = 1024
-MAX_TOPIC_CHARS = 256
-MAX_CLIENT_ID_CHARS = 128
-MAX_KEEPALIVE = 65535
-HEALTH_STATUSES = frozenset({"healthy", "degraded", "unhealthy"})
-
-# msgpack can only carry int64/uint64; checking here keeps encode() from failing later.
-_INT_MIN = -(1 << 63)
-_INT_MAX = (1 << 64) - 1
-
-
-# --- field validators --------------------------------------------------------------------
-# They take the frame's wire type rather than the frame so they stay cheap on the hot path.
-
-
-def _fail(ftype: str, name: str, problem: str) -> NoReturn:
-    raise LocalProtocolError(f"{ftype}.{name} {problem}", frame_type=ftype, field=name)
-
-
-def _int(ftype: str, name: str, v: object, lo: int = _INT_MIN, hi: int = _INT_MAX) -> None:
-    # bool is an int subclass but is never a valid integer field on the wire.
-    if v.__class__ is not int and (isinstance(v, bool) or not isinstance(v, int)):
-        _fail(ftype, name, f"must be an int, not {type(v).__name__}")
-    if not lo <= v <= hi:
-        _fail(ftype, name, f"must be in range {lo}..{hi}, got {v}")
-
-
-def _opt_int(ftype: str, name: str, v: object) -> None:
-    if v is not None:
-        _int(ftype, name, v)
-
-
-def _str(ftype: str, name: str, v: object, lo: int = 0, hi: int | None = None) -> None:
-    if not isinstance(v, str):
-        _fail(ftype, name, f"must be a str, not {type(v).__name__}")
-    n = len(v)
-    if n < lo or (hi is not None and n > hi):
-        limit = f"{lo}..{hi}" if hi is not None else f"at least {lo}"
-        _fail(ftype, name, f"must be {limit} characters long, got {n}")
-
-
-def _opt_str(ftype: str, name: str, v: object) -> None:
-    if v is not None:
-        _str(ftype, name, v)
-
-
-def _topic(ftype: str, v: object) -> None:
-    _str(ftype, "topic", v, 1, MAX_TOPIC_CHARS)
-
-
-def _bool(ftype: str, name: str, v: object) -> None:
-    if v.__class__ is not bool:
-        _fail(ftype, name, f"must be a bool, not {type(v).__name__}")
-
-
-def _bytes(ftype: str, name: str, v: object) -> None:
-    # Exactly bytes: a str payload would be packed as msgpack str, not bin.
-    if not isinstance(v, bytes):
-        _fail(ftype, name, f"must be bytes, not {type(v).__name__}")
-
-
-def _dict(ftype: str, name: str, v: object) -> None:
-    if not isinstance(v, dict):
-        _fail(ftype, name, f"must be a map, not {type(v).__name__}")
-
 
 # --- client -> broker --------------------------------------------------------------------
 
@@ -400,78 +346,3 @@ FRAME_TYPES: Mapping[str, type[Frame]] = MappingProxyType(
 )
 
 # Sentinel for fields that are always encoded.
-_KEEP = object()
-
-# Per class: (field name, value that means "omit this key", required on decode).
-# Precomputed so to_wire/from_wire do no dataclass introspection per frame.
-_SPECS: dict[type, tuple[tuple[str, object, bool], ...]] = {}
-for _cls in (*_CLIENT_CLASSES, *_BROKER_CLASSES):
-    _spec = []
-    for _f in dataclasses.fields(_cls):
-        _required = _f.default is dataclasses.MISSING and _f.default_factory is dataclasses.MISSING
-        _omit: object = None if _f.default is None else _KEEP
-        _spec.append((_f.name, _omit, _required))
-    _SPECS[_cls] = tuple(_spec)
-# `redelivered` is only sent when True, keeping the common deliver frame small.
-_SPECS[Deliver] = tuple((n, False if n == "redelivered" else o, r) for n, o, r in _SPECS[Deliver])
-del _cls, _spec, _f, _required, _omit
-
-
-def to_wire(frame: Frame) -> dict[str, Any]:
-    """The msgpack map for `frame`: "type" first, then fields in class order, minus omitted."""
-    try:
-        spec = _SPECS[frame.__class__]
-    except KeyError:
-        raise TypeError(f"not a frame: {frame!r}") from None
-    m: dict[str, Any] = {"type": frame.type}
-    for name, omit, _ in spec:
-        v = getattr(frame, name)
-        if v is not omit:
-            m[name] = v
-    return m
-
-
-def from_wire(m: dict[str, Any], *, accept: Mapping[str, type]) -> Frame:
-    """Build the frame described by map `m` if its type is in `accept`.
-
-    Raises `BadRequest` (carrying `req` when `m` has an int `req`) for an unknown type,
-    a missing field or an invalid value. Keys not part of the frame are ignored.
-    """
-    ftype = m.get("type")
-    if ftype == "publish" and accept.get("publish") is Publish:
-        # The hot path: one frame of this kind per message, so no generic field walk.
-        topic, payload, preq = m.get("topic"), m.get("payload"), m.get("req")
-        if topic is not None and payload is not None:
-            try:
-                return Publish(topic=topic, payload=payload, req=preq)
-            except LocalProtocolError as e:
-                req = preq if preq.__class__ is int else None
-                raise BadRequest(str(e), req=req, frame_type=ftype, field=e.field) from None
-    req = m.get("req")
-    if req.__class__ is not int:
-        req = None
-    cls = accept.get(ftype) if isinstance(ftype, str) else None
-    if cls is None:
-        raise BadRequest(
-            f"unknown frame type {ftype!r}",
-            req=req,
-            frame_type=ftype if isinstance(ftype, str) else None,
-            field="type",
-        )
-    spec = _SPECS.get(cls)
-    if spec is None:
-        raise TypeError(f"accept maps {ftype!r} to {cls!r}, which is not a frame class")
-    kwargs = {}
-    for name, omit, required in spec:
-        if name in m:
-            v = m[name]
-            # An explicit nil for an optional field means the same as leaving it out.
-            if v is not None or omit is not None:
-                kwargs[name] = v
-        elif required:
-            raise BadRequest(f"{ftype}.{name} is missing", req=req, frame_type=ftype, field=name)
-    try:
-        frame: Frame = cls(**kwargs)
-    except LocalProtocolError as e:
-        raise BadRequest(str(e), req=req, frame_type=ftype, field=e.field) from None
-    return frame
