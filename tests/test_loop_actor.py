@@ -215,6 +215,9 @@ def test_a_tell_made_during_a_run_is_handled_in_that_run(on_loop: Loop) -> None:
         on_loop.loop.call_soon(log.append, "loop turn")
 
     on_loop.call(tell_then_schedule)
+    # The relay runs on the loop after `call` returns; a callback queued now lands behind both
+    # the run and the loop turn, so once it has run, asking `second` sees the relayed message.
+    on_loop.call(lambda: None)
     assert got(second) == ["relayed"]
     assert log == [("first", ("tell", second, "relayed")), ("second", "relayed"), "loop turn"]
 
