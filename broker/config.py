@@ -28,6 +28,9 @@ class BrokerConfig:
     auth_fail_window: float = 60.0
     auth_fail_penalty: float = 1.0  # seconds before a blocked address hears of a wrong password
     log_format: str = "console"  # json | console
+    # Where the store lives (SQLite, docs/architecture.md section 15); None: in memory only.
+    data_dir: Path | None = None
+    sync: str = "full"  # full | normal: SQLite's `synchronous` (what each survives: section 15)
 
     def __post_init__(self) -> None:
         if self.session_expiry <= 0:
@@ -38,3 +41,5 @@ class BrokerConfig:
             raise ValueError("max_frame must be >= 64 bytes")
         if self.log_format not in ("json", "console"):
             raise ValueError("log_format must be json or console")
+        if self.sync not in ("full", "normal"):
+            raise ValueError("sync must be full or normal")
