@@ -33,7 +33,15 @@ class Fanout:
     """The sessions' subscriptions and the topic index over them (`topic -> {session: queue}`),
     and the counters of what publishing did: `published` (taken) and `dropped` (pushed out)."""
 
-    __slots__ = ("by_topic", "dropped", "published", "queue_bytes", "queue_limit", "sessions")
+    __slots__ = (
+        "by_topic",
+        "dropped",
+        "journal",
+        "published",
+        "queue_bytes",
+        "queue_limit",
+        "sessions",
+    )
 
     def __init__(self, *, queue_limit: int, queue_bytes: int) -> None:
         self.queue_limit = queue_limit
@@ -42,6 +50,9 @@ class Fanout:
         self.by_topic: dict[str, dict[str, SubscriptionQueue]] = {}
         self.published = 0
         self.dropped = 0
+        # With a store: every push, as (session_id, queue, first seq, payloads), for the
+        # caller to turn into `Append`s (and each queue's `dropped_seqs` into `Discard`s).
+        self.journal: list[tuple[str, SubscriptionQueue, int, list[bytes]]] | None = None
 
     # --- who subscribes to what -------------------------------------------------------------
 
@@ -53,16 +64,25 @@ class Fanout:
                 self._remove_from_topic(topic, session_id)
         return subs
 
-    def subscribe(self, subs: SessionSubs, topic: str) -> None:
-        if topic not in subs.queues:
-            q = SubscriptionQueue(
-                topic,
-                max_count=self.queue_limit,
-                max_bytes=self.queue_bytes,
-                next_seq=subs.next_seqs.pop(topic, 1),
-            )
-            subs.queues[topic] = q
-            self.by_topic.setdefault(topic, {})[subs.session_id] = q
+    def subscribe(self, subs: SessionSubs, topic: str) -> SubscriptionQueue | None:
+        """Returns the new queue, or None: already subscribed."""
+        if topic in subs.queues:
+            return None
+        q = SubscriptionQueue(
+            topic,
+            max_count=self.queue_limit,
+            max_bytes=self.queue_bytes,
+            next_seq=subs.next_seqs.pop(topic, 1),
+        )
+        if self.journal is not None:
+            q.committed = q.next_seq - 1
+            q.dropped_seqs = []
+        self.add_queue(subs, q)
+        return q
+
+    def add_queue(self, subs: SessionSubs, q: SubscriptionQueue) -> None:
+        subs.queues[q.topic] = q
+        self.by_topic.setdefault(q.topic, {})[subs.session_id] = q
 
     def unsubscribe(self, subs: SessionSubs, topic: str) -> bool:
         """Drop the subscription's queue, uncounted; returns whether there was one."""
@@ -107,8 +127,11 @@ class Fanout:
                 if sessions[session_id].conn is not None and q.is_full_for(size):
                     return False
         self.published += 1
+        journal = self.journal
         for session_id, q in members.items():
             subs = sessions[session_id]
+            if journal is not None:
+                journal.append((session_id, q, q.next_seq, [payload]))
             self.dropped += q.push(payload, connected=subs.conn is not None)
             if subs.conn is not None:
                 touched[session_id] = subs
@@ -145,8 +168,11 @@ class Fanout:
                     del payloads[fit:]
                 size = sum(map(len, payloads))
                 self.published += fit
+                journal = self.journal
                 for session_id, q in members.items():
                     subs = sessions[session_id]
+                    if journal is not None:
+                        journal.append((session_id, q, q.next_seq, payloads))
                     self.dropped += q.push_many(payloads, size, connected=subs.conn is not None)
                     if subs.conn is not None:
                         touched[session_id] = subs

@@ -8,6 +8,22 @@ overflow the oldest *unsent* message goes, so a gap in seqs is always exactly wh
 as dropped. When the connection goes away, `unacked` is put back in front of `pending` and
 remembered in `redeliver_upto` (sent again flagged `redelivered`, before anything newer), so
 the queue's order is the delivery order on every connection.
+
+With a store (docs/architecture.md section 15), a message may be sent only once its `Append`
+has committed: `committed` is the highest seq known to be stored, and `sendable()` stops below
+anything newer. In memory only it stays at `NO_STORE`, above every seq. `dropped_seqs` (a list
+while a store is in use, else None) collects the seqs `_make_room` drops, for the store's
+`Discard`; `acked_upto` is the last seq the latest `ack` removed, for its `Ack`.
+
+The tail on disk (with a store only): a queue whose session is away keeps at most `spill`
+messages in memory (0: no limit); what is pushed beyond goes to the store only, and the queue counts
+it (`disk`, `disk_bytes`: the newest messages, every seq above `disk_after`). Once the tail
+exists every push joins it, connected or not, so the order holds; the caller pages it back in
+with the store's `read_queue` (`page_in`) while the session is connected. Overflow drops the
+oldest unsent message as ever: the head of `pending`, else the oldest of the tail (counted in
+`disk_discarded` for a `DiscardOldest`, and in `read_skip` while a page is being read, whose
+first entries are then already gone). The tail's sizes are not kept, so the byte bound counts
+a tail drop at the tail's average size, exact again whenever the tail empties.
 """
 
 from __future__ import annotations
@@ -18,7 +34,9 @@ from collections.abc import Sequence
 from itertools import islice
 from operator import itemgetter
 
-__all__ = ["SubscriptionQueue"]
+__all__ = ["NO_STORE", "SubscriptionQueue"]
+
+NO_STORE = 1 << 62  # `committed` when nothing is stored: every seq counts as committed
 
 _seq_of = itemgetter(0)
 _payload_of = itemgetter(1)
@@ -26,14 +44,26 @@ _payload_of = itemgetter(1)
 
 class SubscriptionQueue:
     __slots__ = (
+        "acked_upto",
         "bytes",
+        "committed",
+        "disk",
+        "disk_after",
+        "disk_bytes",
+        "disk_discarded",
+        "disk_pushed",
         "dropped_away",
         "dropped_live",
+        "dropped_seqs",
+        "marked",
         "max_bytes",
         "max_count",
         "next_seq",
         "pending",
+        "read_skip",
+        "reading",
         "redeliver_upto",
+        "spill",
         "topic",
         "unacked",
         "window",
@@ -54,27 +84,54 @@ class SubscriptionQueue:
         self.redeliver_upto = 0
         self.dropped_live = 0  # overflow while connected, not yet told to the client
         self.dropped_away = 0  # overflow while disconnected, told in `registered.dropped`
+        self.committed = NO_STORE  # the highest seq stored (sendable up to it)
+        self.dropped_seqs: list[int] | None = None  # with a store: what `_make_room` dropped
+        self.acked_upto = 0
+        self.marked = 0  # with a store: the highest seq written as sent (`MarkSent`)
+        self.spill = 0  # with a store, while the session is away: the head kept in memory
+        self.disk = 0  # the tail held by the store only: how many, their bytes, after what seq
+        self.disk_bytes = 0
+        self.disk_after = 0
+        self.disk_discarded = 0  # tail drops not yet told to the store (`DiscardOldest`)
+        self.reading = False  # a page of the tail is being read
+        self.read_skip = 0  # tail drops since that read began
+        self.disk_pushed = 0  # tail pushes since that read began
 
     def __len__(self) -> int:
-        return len(self.pending) + len(self.unacked)
+        return len(self.pending) + len(self.unacked) + self.disk
 
     def push(self, payload: bytes, *, connected: bool) -> int:
         """Queue one message; returns how many of the oldest were dropped to make room."""
         seq = self.next_seq
-        self.pending.append((seq, payload))
         self.next_seq = seq + 1
         self.bytes += len(payload)
-        if len(self.pending) + len(self.unacked) <= self.max_count and self.bytes <= self.max_bytes:
+        if self.disk or (self.spill and len(self.pending) >= self.spill):
+            self._to_disk(seq, len(payload))
+        else:
+            self.pending.append((seq, payload))
+        if (
+            len(self.pending) + len(self.unacked) + self.disk <= self.max_count
+            and self.bytes <= self.max_bytes
+        ):
             return 0
         return self._make_room(connected)
+
+    def _to_disk(self, seq: int, size: int) -> None:
+        if not self.disk:
+            self.disk_after = seq - 1
+        self.disk += 1
+        self.disk_bytes += size
+        self.disk_pushed += 1
 
     def push_many(self, payloads: Sequence[bytes], size: int, *, connected: bool) -> int:
         """`push` each of `payloads` (`size`: their total length), in order; returns how many
         of the oldest were dropped. One step when they all fit, which is the usual case."""
         count = len(payloads)
         if (
-            len(self.pending) + len(self.unacked) + count <= self.max_count
+            len(self.pending) + len(self.unacked) + self.disk + count <= self.max_count
             and self.bytes + size <= self.max_bytes
+            and not self.disk
+            and not (self.spill and len(self.pending) + count > self.spill)
         ):
             seq = self.next_seq
             self.pending.extend(zip(range(seq, seq + count), payloads, strict=True))
@@ -90,10 +147,24 @@ class SubscriptionQueue:
         dropped = 0
         # A single message larger than the byte bound is still kept: it is the newest.
         while len(self) > self.max_count or (self.bytes > self.max_bytes and len(self) > 1):
-            # Never the message just pushed: it is the newest.
-            oldest = self.pending.popleft() if len(self.pending) > 1 else self.unacked.popleft()
+            if self.disk:
+                # The newest is in the tail: the oldest unsent is the head of `pending`, else
+                # the oldest of the tail (if unacked is empty: the store's oldest), else the
+                # head of unacked.
+                if not self.pending and self.disk > 1 and not self.unacked:
+                    self._drop_disk_oldest()
+                    dropped += 1
+                    continue
+                if not self.pending and not self.unacked:
+                    break
+                oldest = self.pending.popleft() if self.pending else self.unacked.popleft()
+            else:
+                # Never the message just pushed: it is the newest.
+                oldest = self.pending.popleft() if len(self.pending) > 1 else self.unacked.popleft()
             self.bytes -= len(oldest[1])
             dropped += 1
+            if self.dropped_seqs is not None:
+                self.dropped_seqs.append(oldest[0])
         if dropped:
             if connected:
                 self.dropped_live += dropped
@@ -101,16 +172,84 @@ class SubscriptionQueue:
                 self.dropped_away += dropped
         return dropped
 
+    def _drop_disk_oldest(self) -> None:
+        size = self.disk_bytes // self.disk  # the tail's sizes are not kept: its average
+        self.disk -= 1
+        self.disk_bytes -= size
+        self.bytes -= size
+        self.disk_discarded += 1
+        if self.reading:
+            self.read_skip += 1
+        if not self.disk:
+            self.tail_gone()
+
+    def tail_gone(self) -> None:
+        """The tail is empty: what it was counted to weigh goes (so bytes are exact again)."""
+        self.bytes -= self.disk_bytes
+        self.disk = self.disk_bytes = 0
+
+    def trim(self) -> None:
+        """An away queue: what `pending` holds beyond `spill` becomes tail, if it is all stored
+        (the tail must be newer than everything in memory)."""
+        pending = self.pending
+        head = self.spill
+        if (
+            not head
+            or self.disk
+            or self.reading
+            or len(pending) <= head
+            or pending[-1][0] > self.committed
+        ):
+            return
+        while len(pending) > head:
+            _, payload = pending.pop()
+            self.disk += 1
+            self.disk_bytes += len(payload)
+        self.disk_after = pending[-1][0]
+
+    def start_read(self) -> int:
+        """A page of the tail is to be read: returns the seq to read after."""
+        self.reading = True
+        self.read_skip = self.disk_pushed = 0
+        return self.disk_after
+
+    def page_in(self, entries: Sequence[tuple[int, bytes]], limit: int) -> int:
+        """A page of the tail read from the store (`limit` asked): its oldest go to the end of
+        `pending`. Returns how many."""
+        self.reading = False
+        skip, self.read_skip = min(self.read_skip, len(entries)), 0
+        if not self.disk:
+            return 0
+        after = self.disk_after
+        got = [e for e in entries[skip:] if e[0] > after][: self.disk]
+        if got:
+            size = sum(len(payload) for _, payload in got)
+            self.pending.extend(got)
+            self.disk -= len(got)
+            self.disk_bytes -= size
+            self.disk_after = got[-1][0]
+        if len(entries) < limit and self.disk > self.disk_pushed:
+            # The store had no more than this page when it was read: what the count says
+            # beyond the pushes since is not there (a failed commit counted twice).
+            extra = self.disk - self.disk_pushed
+            share = self.disk_bytes * extra // self.disk
+            self.disk -= extra
+            self.disk_bytes -= share
+            self.bytes -= share
+        if self.disk <= 0:
+            self.tail_gone()
+        return len(got)
+
     def is_full_for(self, size: int) -> bool:
         """Would queueing a message of `size` bytes push out an older one?"""
-        length = len(self.pending) + len(self.unacked)
+        length = len(self.pending) + len(self.unacked) + self.disk
         return length >= self.max_count or (length > 0 and self.bytes + size > self.max_bytes)
 
     def room(self) -> tuple[int, int]:
         """How many more messages, and how many more payload bytes, fit without pushing one
         out. The bytes may be negative: a message alone may exceed the byte bound."""
         return (
-            self.max_count - len(self.pending) - len(self.unacked),
+            self.max_count - len(self.pending) - len(self.unacked) - self.disk,
             self.max_bytes - self.bytes,
         )
 
@@ -121,10 +260,12 @@ class SubscriptionQueue:
             return 0
         if unacked[-1][0] <= seq:
             removed = len(unacked)
+            self.acked_upto = unacked[-1][0]
             self.bytes -= sum(map(len, map(_payload_of, unacked)))
             unacked.clear()
             return removed
         removed = bisect_right(unacked, seq, key=_seq_of)  # unacked is in seq order
+        self.acked_upto = unacked[removed - 1][0]
         self.bytes -= sum(map(len, map(_payload_of, islice(unacked, removed))))
         popleft = unacked.popleft
         for _ in range(removed):
@@ -133,8 +274,23 @@ class SubscriptionQueue:
 
     def sendable(self) -> int:
         """How many of the oldest unsent messages may be sent now: the delivery window's room
-        (`unacked` holds at most `window`), or all of `pending` if less."""
-        return max(0, min(len(self.pending), self.window - len(self.unacked)))
+        (`unacked` holds at most `window`), or all of `pending` if less; never past
+        `committed`."""
+        pending = self.pending
+        count = len(pending)
+        if count and pending[-1][0] > self.committed:
+            count = bisect_right(pending, self.committed, key=_seq_of)
+        return max(0, min(count, self.window - len(self.unacked)))
+
+    def discard(self, seqs: set[int]) -> int:
+        """Take the messages with these seqs out of `pending` (their store commit failed);
+        returns how many were there."""
+        kept = [e for e in self.pending if e[0] not in seqs]
+        gone = len(self.pending) - len(kept)
+        if gone:
+            self.bytes -= sum(len(e[1]) for e in self.pending if e[0] in seqs)
+            self.pending = deque(kept)
+        return gone
 
     def take_many(self, count: int) -> None:
         """Count the next `count` messages (at most `sendable()`) as sent: the head of

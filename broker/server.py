@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from typing import Any, cast
 
 import pykka.debug
@@ -20,6 +21,13 @@ from tether.broker.listener_manager import ListenerManager, StartListening, Stop
 from tether.broker.messages import GetStats
 from tether.broker.ratelimit import FailureLimiter
 from tether.broker.sessions import SessionManager
+from tether.broker.store import (
+    DeleteSession,
+    Snapshot,
+    Store,
+    StoreError,
+)
+from tether.broker.store_sqlite import SqliteStore
 from tether.broker.subscribers import SubscriberManager
 from tether.broker.supervisor import BrokerSupervisor
 from tether.broker.users import UserStore
@@ -34,17 +42,37 @@ _REPORTING = ("listeners", "supervisor", "subscribers")
 class Broker:
     """A running broker. `start()` returns the address it listens on; `stop()` ends it."""
 
-    def __init__(self, config: BrokerConfig, *, users: UserStore | None = None) -> None:
+    def __init__(
+        self, config: BrokerConfig, *, users: UserStore | None = None, store: Store | None = None
+    ) -> None:
+        """`store`: a store to use instead of the one `config.data_dir` names (tests)."""
         self.config = config
         self._users = users
+        self._given_store = store
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._refs: dict[str, ActorRef[Any]] = {}
+        self._store: Store | None = None
         self.address: tuple[str, int] | None = None
+        # What the store held when the broker stopped: (sessions, queued messages).
+        self.saved: tuple[int, int] | None = None
 
     def start(self) -> tuple[str, int]:
         config = self.config
         users = self._users if self._users is not None else UserStore.load(config.users_path)
+        snapshot: Snapshot = Snapshot((), ())
+        store: Store | None = self._given_store
+        if store is None and config.data_dir is not None:
+            # Raises StoreLocked, StoreCorrupt or StoreVersionError: nothing started yet.
+            store = SqliteStore(config.data_dir, sync="full" if config.sync == "full" else "normal")
+        if store is not None:
+            self._store = store
+            try:
+                snapshot = _recover(store, time.time())
+            except BaseException:
+                self._store = None
+                store.close()
+                raise
         loop = asyncio.new_event_loop()
         thread = threading.Thread(target=loop.run_forever, name="tether-loop", daemon=True)
         thread.start()
@@ -58,9 +86,16 @@ class Broker:
             outbound_high_water=config.outbound_high_water,
             publish_wait=config.publish_wait,
             max_frame=config.max_frame,
+            store=self._store,
+            restored_sessions=snapshot.sessions,
+            restored_subscriptions=snapshot.subscriptions,
         )
         sessions = SessionManager.start(
-            *on_loop, subscriber_manager=subscribers, session_expiry=config.session_expiry
+            *on_loop,
+            subscriber_manager=subscribers,
+            session_expiry=config.session_expiry,
+            store=self._store,
+            restored=snapshot.sessions,
         )
         supervisor = BrokerSupervisor.start(
             *on_loop,
@@ -115,8 +150,17 @@ class Broker:
         listeners = self._refs.get("listeners")
         if listeners is not None:
             listeners.ask(StopListening(), timeout=10)
+        subscribers = self._refs.get("subscribers")
+        if subscribers is not None and self._store is not None:
+            counters = cast("dict[str, int]", subscribers.ask(GetStats(), timeout=10))
+            self.saved = (counters["sessions"], counters["queued"])
         for ref in self._refs.values():
             ref.stop(timeout=10)
+        if self._store is not None:
+            # After the managers' last submits (a SubscriberManager's on_stop writes its
+            # sent marks); their callbacks' tells to stopped actors are dropped.
+            self._store.close()
+            self._store = None
         loop, thread = self._loop, self._thread
         loop.call_soon_threadsafe(loop.stop)
         if thread is not None:
@@ -132,6 +176,36 @@ class Broker:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _recover(store: Store, now: float) -> Snapshot:
+    """Load the store: sessions whose expiry deadline passed while the broker was down are
+    deleted (logged with what they held); the rest come back, their queued messages left in
+    the store to be read back a page at a time when their sessions resume."""
+    snapshot = store.load()
+    expired = {
+        s.session_id for s in snapshot.sessions if s.expires_at is not None and s.expires_at <= now
+    }
+    if expired:
+        lost = sum(sub.queued for sub in snapshot.subscriptions if sub.session_id in expired)
+        done = threading.Event()
+        errors: list[StoreError] = []
+
+        def deleted(error: StoreError | None) -> None:
+            if error is not None:
+                errors.append(error)
+            done.set()
+
+        store.submit(tuple(DeleteSession(sid) for sid in sorted(expired)), deleted)
+        done.wait()
+        if errors:
+            raise errors[0]
+        _log.info("sessions_expired_while_down", sessions=len(expired), discarded=lost)
+        snapshot = Snapshot(
+            tuple(s for s in snapshot.sessions if s.session_id not in expired),
+            tuple(sub for sub in snapshot.subscriptions if sub.session_id not in expired),
+        )
+    return snapshot
 
 
 class StartupError(Exception):
@@ -173,6 +247,9 @@ def serve(config: BrokerConfig) -> int:
     broker = Broker(config)
     try:
         host, port = broker.start()
+    except StoreError as exc:
+        broker.stop()
+        raise StartupError(str(exc)) from None
     except OSError as exc:
         broker.stop()
         raise _listen_error(config, exc) from None
@@ -180,6 +257,9 @@ def serve(config: BrokerConfig) -> int:
         "broker_started",
         host=host,
         port=port,
+        mode="in-memory" if config.data_dir is None else "durable",
+        data_dir=None if config.data_dir is None else str(config.data_dir),
+        sync=None if config.data_dir is None else config.sync,
         users=str(config.users_path),
         session_expiry=config.session_expiry,
         queue_limit=config.queue_limit,
@@ -188,5 +268,8 @@ def serve(config: BrokerConfig) -> int:
     while not stopping.wait(1.0):
         pass
     broker.stop()
-    _log.info("broker_stopped")
+    if broker.saved is not None:
+        _log.info("broker_stopped", sessions_saved=broker.saved[0], messages_saved=broker.saved[1])
+    else:
+        _log.info("broker_stopped")
     return 0

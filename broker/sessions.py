@@ -6,6 +6,14 @@ every event that names a connection is checked against it, so a late event from 
 connection never touches its successor. A session without a connection has one cleanup timer,
 carrying the session's `generation` (bumped at every bind and every arming), so a timer that
 fires after a resume is recognised as stale and ignored.
+
+With a store (docs/architecture.md section 15), every bind is committed before it is answered:
+`_bind` submits the session's record (or its new token hashes) and tells itself `_Bound` from
+the store's callback; only then does the SubscriberManager get `Attach`, so a client never holds
+a token the store does not know. A `_Bound` whose generation is no longer the session's was
+overtaken by a newer bind (or the session ended meanwhile) and is refused. Disconnects, health
+and expiry deadlines are written without waiting: nothing is promised on them. The session's
+queues and its record are deleted by the SubscriberManager, which owns what a delete races with.
 """
 
 from __future__ import annotations
@@ -14,7 +22,7 @@ import asyncio
 import hmac
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -34,6 +42,16 @@ from tether.broker.messages import (
     RegisterRejected,
     TakenOver,
 )
+from tether.broker.store import (
+    Batch,
+    PutSession,
+    SessionRecord,
+    SetHealth,
+    Store,
+    StoreError,
+    Touch,
+    token_hash,
+)
 from tether.protocol import ErrorCode, Register
 
 if TYPE_CHECKING:
@@ -51,7 +69,7 @@ class Session:
     session_id: str
     client_id: str
     username: str
-    resume_token: str
+    token_hash: bytes  # of the current resume token (`store.token_hash`): never the token
     keepalive: int
     metadata: dict[str, Any]
     conn: ConnHandle | None
@@ -59,16 +77,49 @@ class Session:
     timer: Cancellable | None = None
     health: str | None = None
     health_details: dict[str, Any] | None = None
-    previous_token: str | None = None
+    previous_hash: bytes | None = None
     created: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.time)
 
     def token_matches(self, token: str) -> bool:
-        presented = token.encode("utf-8", "surrogatepass")
+        presented = token_hash(token)
         return any(
-            hmac.compare_digest(presented, valid.encode())
-            for valid in (self.resume_token, self.previous_token)
+            hmac.compare_digest(presented, valid)
+            for valid in (self.token_hash, self.previous_hash)
             if valid is not None
+        )
+
+    def record(self, expires_at: float | None) -> SessionRecord:
+        return SessionRecord(
+            session_id=self.session_id,
+            client_id=self.client_id,
+            username=self.username,
+            keepalive=self.keepalive,
+            metadata=self.metadata,
+            token_hash=self.token_hash,
+            previous_hash=self.previous_hash,
+            created=self.created,
+            last_seen=self.last_seen,
+            expires_at=expires_at,
+            health=self.health,
+            health_details=self.health_details,
+        )
+
+    @classmethod
+    def restored(cls, record: SessionRecord) -> Session:
+        return cls(
+            session_id=record.session_id,
+            client_id=record.client_id,
+            username=record.username,
+            token_hash=record.token_hash,
+            keepalive=record.keepalive,
+            metadata=dict(record.metadata),
+            conn=None,
+            health=record.health,
+            health_details=None if record.health_details is None else dict(record.health_details),
+            previous_hash=record.previous_hash,
+            created=record.created,
+            last_seen=record.last_seen,
         )
 
 
@@ -76,6 +127,25 @@ class Session:
 class _Expire:
     session_id: str
     generation: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Bound:
+    """The store's answer to a bind: `attach` may go out (error None) or must be refused."""
+
+    attach: Attach
+    generation: int
+    created: bool  # a new session (forgotten again if its record could not be stored)
+    previous_conn: int | None  # the connection the bind replaced, if any
+    error: StoreError | None
+
+
+def _log_store_error(what: str) -> Callable[[StoreError | None], None]:
+    def done(error: StoreError | None) -> None:
+        if error is not None:
+            _log.warning("session_not_stored", what=what, error=str(error))
+
+    return done
 
 
 def _new_id() -> str:
@@ -93,14 +163,39 @@ class SessionManager(LoopActor):
         subscriber_manager: ActorRef[SubscriberManager],
         session_expiry: float,
         call_later: Callable[[float, Callable[[], None]], Cancellable] | None = None,
+        store: Store | None = None,
+        restored: Sequence[SessionRecord] = (),
     ) -> None:
         super().__init__(loop, loop_thread)
         self._subscribers = subscriber_manager
         self._expiry = session_expiry
         # Injectable so that tests can fire cleanup timers without waiting for them.
         self._call_later = call_later or loop.call_later
+        self._store = store  # None: in memory only, nothing is written anywhere
         self._sessions: dict[str, Session] = {}
         self._by_client: dict[str, str] = {}
+        # Sessions loaded from the store at start-up: all away, each with its full expiry.
+        for record in restored:
+            session = Session.restored(record)
+            self._sessions[session.session_id] = session
+            self._by_client[session.client_id] = session.session_id
+
+    def on_start(self) -> None:
+        if not self._sessions:
+            return
+        now = time.time()
+        for session in self._sessions.values():
+            self._arm_timer(session)
+        deadline = now + self._expiry
+        self._write(
+            tuple(Touch(s.session_id, s.last_seen, deadline) for s in self._sessions.values()),
+            "restored",
+        )
+
+    def _write(self, batch: Batch, what: str) -> None:
+        """Submit what need not be waited for (nothing is promised on it)."""
+        if self._store is not None and batch:
+            self._store.submit(batch, _log_store_error(what))
 
     def on_receive(self, message: object) -> object:
         match message:
@@ -110,9 +205,10 @@ class SessionManager(LoopActor):
                 session = self._current(session_id, conn_id)
                 if session is not None:
                     session.conn = None
-                    session.last_seen = time.time()
+                    session.last_seen = now = time.time()
                     self._arm_timer(session)
                     tell(self._subscribers, Detach(session_id, conn_id))
+                    self._write((Touch(session_id, now, now + self._expiry),), "disconnected")
                     _log.info(
                         "session_disconnected",
                         session_id=session_id,
@@ -131,10 +227,18 @@ class SessionManager(LoopActor):
                             status=status,
                             was=session.health,
                         )
+                    changed = (status is not None and status != session.health) or (
+                        details is not None and details != session.health_details
+                    )
                     if status is not None:
                         session.health = status
                     if details is not None:
                         session.health_details = details
+                    if changed:
+                        self._write(
+                            (SetHealth(session_id, session.health, session.health_details),),
+                            "health",
+                        )
             case EndSession(session_id, conn_id):
                 session = self._current(session_id, conn_id)
                 if session is not None:
@@ -148,6 +252,8 @@ class SessionManager(LoopActor):
                     and session.conn is None
                 ):
                     self._remove(session, "expired")
+            case _Bound():
+                self._on_bound(message)
             case _:
                 return super().on_receive(message)
         return None
@@ -194,13 +300,14 @@ class SessionManager(LoopActor):
                 client_id=session.client_id,
                 by="resume",
             )
+        previous_conn = session.conn.conn_id if session.conn is not None else None
         session.keepalive = frame.keepalive
         if frame.metadata:
             session.metadata = frame.metadata
         # The token just shown stays good until the client shows the new one: if this
         # `registered` is lost with the connection, the client can still come back.
-        session.previous_token = frame.resume_token
-        self._bind(session, conn, resumed=True, req=frame.req)
+        session.previous_hash = token_hash(frame.resume_token)
+        self._bind(session, conn, resumed=True, req=frame.req, previous_conn=previous_conn)
 
     def _create(self, frame: Register, conn: ConnHandle) -> None:
         existing_id = self._by_client.get(frame.client_id)
@@ -240,7 +347,7 @@ class SessionManager(LoopActor):
             session_id=_new_id(),
             client_id=frame.client_id,
             username=frame.username,
-            resume_token="",
+            token_hash=b"",
             keepalive=frame.keepalive,
             metadata=frame.metadata,
             conn=None,
@@ -249,28 +356,46 @@ class SessionManager(LoopActor):
         self._by_client[session.client_id] = session.session_id
         self._bind(session, conn, resumed=False, req=frame.req)
 
-    def _bind(self, session: Session, conn: ConnHandle, *, resumed: bool, req: int) -> None:
+    def _bind(
+        self,
+        session: Session,
+        conn: ConnHandle,
+        *,
+        resumed: bool,
+        req: int,
+        previous_conn: int | None = None,
+    ) -> None:
         if session.timer is not None:
             session.timer.cancel()
             session.timer = None
         session.generation += 1
         session.conn = conn
         session.last_seen = time.time()
-        # A new token at every bind; with `previous_token`, at most two are ever good.
-        session.resume_token = secrets.token_urlsafe(24)
-        tell(
-            self._subscribers,
-            Attach(
-                session_id=session.session_id,
-                client_id=session.client_id,
-                conn=conn,
-                req=req,
-                resume_token=session.resume_token,
-                resumed=resumed,
-                keepalive=session.keepalive,
-                expiry=round(self._expiry),
-            ),
+        # A new token at every bind; with `previous_hash`, at most two are ever good.
+        token = secrets.token_urlsafe(24)
+        session.token_hash = token_hash(token)
+        attach = Attach(
+            session_id=session.session_id,
+            client_id=session.client_id,
+            conn=conn,
+            req=req,
+            resume_token=token,
+            resumed=resumed,
+            keepalive=session.keepalive,
+            expiry=round(self._expiry),
         )
+        if self._store is None:
+            tell(self._subscribers, attach)
+        else:
+            # `registered` (and the token in it) goes out once the store has the token.
+            # The whole record: a resume may change keepalive and metadata besides the tokens.
+            batch: Batch = (PutSession(session.record(None)),)
+            ref, generation = self.actor_ref, session.generation
+
+            def done(error: StoreError | None) -> None:
+                tell(ref, _Bound(attach, generation, not resumed, previous_conn, error))
+
+            self._store.submit(batch, done)
         _log.info(
             "session_resumed" if resumed else "session_registered",
             session_id=session.session_id,
@@ -280,6 +405,57 @@ class SessionManager(LoopActor):
             keepalive=session.keepalive,
             metadata=session.metadata or None,
         )
+
+    def _on_bound(self, msg: _Bound) -> None:
+        attach = msg.attach
+        session = self._sessions.get(attach.session_id)
+        current = (
+            session is not None
+            and session.generation == msg.generation
+            and session.conn is not None
+            and session.conn.conn_id == attach.conn.conn_id
+        )
+        if msg.error is None and current:
+            tell(self._subscribers, attach)
+            return
+        if msg.error is None:
+            # Overtaken while it was being stored: a newer bind (or an end) won.
+            tell(
+                attach.conn.ref,
+                RegisterRejected(
+                    attach.req,
+                    ErrorCode.UNKNOWN_SESSION,
+                    "the session was taken over or ended while this registration was stored",
+                ),
+            )
+            return
+        _log.warning(
+            "session_not_stored",
+            session_id=attach.session_id,
+            client_id=attach.client_id,
+            error=str(msg.error),
+        )
+        tell(
+            attach.conn.ref,
+            RegisterRejected(
+                attach.req,
+                ErrorCode.UNAVAILABLE,
+                f"the broker could not store the session ({msg.error}): try again",
+            ),
+        )
+        if session is None or not current:
+            return
+        session.conn = None
+        if msg.created:
+            # Nothing of it was stored, and nobody else knows it.
+            self._sessions.pop(session.session_id, None)
+            if self._by_client.get(session.client_id) == session.session_id:
+                del self._by_client[session.client_id]
+            return
+        # A resume: the token shown (now `previous_hash`) stays good; the session is away.
+        if msg.previous_conn is not None:
+            tell(self._subscribers, Detach(session.session_id, msg.previous_conn))
+        self._arm_timer(session)
 
     def _arm_timer(self, session: Session) -> None:
         if session.timer is not None:

@@ -30,6 +30,8 @@ class ErrorCode(enum.StrEnum):
     RATE_LIMITED = "rate_limited"
     TIMEOUT = "timeout"
     INTERNAL = "internal"
+    # The broker could not store what the request needs (a failed commit): not done, retry.
+    UNAVAILABLE = "unavailable"
 
 
 # After one of these the broker closes the connection: the byte stream can no longer be

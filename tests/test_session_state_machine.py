@@ -65,6 +65,8 @@ from tether.broker.messages import (
     TakenOver,
 )
 from tether.broker.sessions import SessionManager
+from tether.broker.store import Snapshot
+from tether.broker.store_memory import MemoryStore
 from tether.broker.subscribers import SubscriberManager
 from tether.protocol import (
     BROKER_FRAME_TYPES,
@@ -173,13 +175,21 @@ class _Tables:
     pass
 
 
+@dataclass(frozen=True, slots=True)
+class _Timers:
+    pass
+
+
 class ObservedSessionManager(SessionManager):
     """The real SessionManager, which also answers `_Tables`: how many sessions it holds, and
-    how many `client_id`s it maps to one (its state, read on its own thread, in its turn)."""
+    how many `client_id`s it maps to one (its state, read on its own thread, in its turn);
+    and `_Timers`: each session's cleanup timer (after a restart, to tell them apart)."""
 
     def on_receive(self, message: object) -> object:
         if isinstance(message, _Tables):
             return (len(self._sessions), len(self._by_client))
+        if isinstance(message, _Timers):
+            return {sid: s.timer for sid, s in self._sessions.items()}
         return super().on_receive(message)
 
 
@@ -300,6 +310,9 @@ class SessionMachine(RuleBasedStateMachine):
         self.sub_stats: dict[str, Any] = {}
         self.publisher = SessionModel("publisher")
         self.verified = False
+        self.store: MemoryStore | None = None
+        self.high_water = 1 << 20
+        self.memory_head, self.page = 100, 1000
 
     # --- plumbing ---------------------------------------------------------------------------
 
@@ -308,19 +321,21 @@ class SessionMachine(RuleBasedStateMachine):
         self.timers.append(timer)
         return timer
 
-    @initialize(
-        high_water=st.sampled_from([1, 64, 300, 1 << 20]),
-        subscriptions=st.tuples(*[st.sets(st.sampled_from(TOPICS), max_size=2)] * len(CLIENTS)),
-    )
-    def start_broker(self, high_water: int, subscriptions: tuple[set[str], ...]) -> None:
-        """Starts the managers, the publisher, and the subscribers with their first topics
-        (rules register, take over and subscribe as well; this only gets traffic going)."""
+    def _start_managers(self, snapshot: Snapshot | None = None) -> None:
+        """The two managers, on the store if there is one, with what it holds."""
+        if snapshot is None:
+            snapshot = Snapshot((), ())
         self.subscribers = SubscriberManager.start(
             self.loop,
             self.ident,
             queue_limit=QUEUE_LIMIT,
             queue_bytes=1 << 24,
-            outbound_high_water=high_water,
+            outbound_high_water=self.high_water,
+            store=self.store,
+            restored_sessions=snapshot.sessions,
+            memory_head=self.memory_head,
+            page=self.page,
+            restored_subscriptions=snapshot.subscriptions,
         )
         self.refs.append(self.subscribers)
         self.sessions = ObservedSessionManager.start(
@@ -329,8 +344,35 @@ class SessionMachine(RuleBasedStateMachine):
             subscriber_manager=self.subscribers,
             session_expiry=EXPIRY,
             call_later=self._call_later,
+            store=self.store,
+            restored=snapshot.sessions,
         )
         self.refs.append(self.sessions)
+
+    @initialize(
+        high_water=st.sampled_from([1, 64, 300, 1 << 20]),
+        subscriptions=st.tuples(*[st.sets(st.sampled_from(TOPICS), max_size=2)] * len(CLIENTS)),
+        durable=st.booleans(),
+        memory_head=st.sampled_from([1, 2, 100]),
+        page=st.sampled_from([1, 2, 1000]),
+    )
+    def start_broker(
+        self,
+        high_water: int,
+        subscriptions: tuple[set[str], ...],
+        durable: bool,
+        memory_head: int,
+        page: int,
+    ) -> None:
+        """Starts the managers (in memory, or on a store that can be restarted from), the
+        publisher, and the subscribers with their first topics (rules register, take over and
+        subscribe as well; this only gets traffic going)."""
+        self.high_water = high_water
+        # Durable: a store that holds away queues beyond a head of `memory_head` messages
+        # and is read back `page` messages at a time (tiny here, so that it is exercised).
+        self.memory_head, self.page = memory_head, page
+        self.store = MemoryStore() if durable else None
+        self._start_managers()
         conn = self._register("publisher", Expect(session=self.publisher))
         assert conn.state == "active"
         for client, topics in zip(CLIENTS, subscriptions, strict=True):
@@ -867,6 +909,36 @@ class SessionMachine(RuleBasedStateMachine):
             )
         self._settle()
         assert len(self.timers) == n_timers
+
+    @precondition(lambda self: self.store is not None)
+    @rule()
+    def restart(self) -> None:
+        """The broker stops and starts again on its store: all its memory is gone (the
+        managers, every connection, the cleanup timers, the counters) and what the store
+        holds is loaded. Every session is back, away, with its id, tokens, subscriptions, seq
+        counters and queues; what had been sent and not acked comes again flagged."""
+        assert self.store is not None
+        old = (self.subscribers, self.sessions)
+        for ref in old:
+            ref.stop(timeout=ASK_TIMEOUT)
+        for conn in self.conns:
+            if conn.state == "active":
+                conn.ref.tell(_Close())
+                conn.state = "closed"
+        for timer in self.timers:
+            timer.cancelled = True  # they die with the process
+        self._start_managers(self.store.load())
+        self.published = self.delivered = self.expired = 0  # the process's counters
+        timers = self.sessions.ask(_Timers(), timeout=ASK_TIMEOUT)
+        for session in [*self._live(), self.publisher]:
+            session.conn = None
+            session.old_timers = []
+            session.timer = timers[session.session_id]
+            assert session.timer is not None and session.timer.delay == EXPIRY
+        assert len(timers) == len(self._live()) + 1
+        self._settle()
+        # The publisher comes back at once (the rules publish through it).
+        self._resume(self.publisher, self.publisher.token)
 
     # --- invariants ---------------------------------------------------------------------------
 
