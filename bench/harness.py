@@ -47,10 +47,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def rss_kib(pid: int) -> int:
+def rss_kib(pid: int, field: str = "VmRSS:") -> int:
+    """A process's resident set (or, with "VmHWM:", its peak so far) in KiB."""
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field):
                 return int(line.split()[1])
     return 0
 
@@ -69,25 +70,35 @@ class Server:
     name: str
     host: str
     port: int
-    proc: subprocess.Popen[bytes]
     log_path: Path
+    cmd: list[str]
+    proc: subprocess.Popen[bytes] | None = None  # the current process (a restart replaces it)
 
     @property
     def address(self) -> tuple[str, int]:
         return (self.host, self.port)
 
     @property
+    def process(self) -> subprocess.Popen[bytes]:
+        if self.proc is None:
+            raise BenchError(f"the {self.name} was never started")
+        return self.proc
+
+    @property
     def pid(self) -> int:
-        return self.proc.pid
+        return self.process.pid
 
     def cpu(self) -> float:
-        return cpu_seconds(self.proc.pid)
+        return cpu_seconds(self.pid)
 
     def rss_kib(self) -> int:
-        return rss_kib(self.proc.pid)
+        return rss_kib(self.pid)
+
+    def peak_rss_kib(self) -> int:
+        return rss_kib(self.pid, "VmHWM:")
 
     def check_alive(self) -> None:
-        code = self.proc.poll()
+        code = self.process.poll()
         if code is not None:
             raise BenchError(f"the {self.name} exited with status {code}; log: {self.log_tail()}")
 
@@ -99,59 +110,98 @@ class Server:
         return " | ".join(text[-lines:]) or "(empty log)"
 
 
+def _spawn(server: Server) -> None:
+    """Start (or start again) the server's command; its output is appended to its log."""
+    with open(server.log_path, "ab") as log:
+        # The child raises its own fd limit before exec: 10,000 sessions need 10,000 sockets.
+        server.proc = subprocess.Popen(
+            list(server.cmd), stdout=log, stderr=subprocess.STDOUT, preexec_fn=raise_nofile
+        )
+
+
+def _wait_listening(server: Server, timeout: float = 20.0, interval: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(server.address, timeout=1).close()
+            return
+        except OSError:
+            server.check_alive()
+            if time.monotonic() > deadline:
+                raise BenchError(
+                    f"the {server.name} did not listen within {timeout:.0f} s"
+                ) from None
+            time.sleep(interval)
+
+
+def _stop(proc: subprocess.Popen[bytes] | None) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
 @contextlib.contextmanager
 def _server(name: str, cmd: Sequence[str], port: int, tmp: Path) -> Iterator[Server]:
-    log_path = tmp / f"{name}.log"
-    with open(log_path, "wb") as log:
-        # The child raises its own fd limit before exec: 10,000 sessions need 10,000 sockets.
-        proc = subprocess.Popen(
-            list(cmd), stdout=log, stderr=subprocess.STDOUT, preexec_fn=raise_nofile
-        )
-    server = Server(name, HOST, port, proc, log_path)
+    server = Server(name, HOST, port, tmp / f"{name}.log", list(cmd))
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection((HOST, port), timeout=1).close()
-                break
-            except OSError:
-                server.check_alive()
-                if time.monotonic() > deadline:
-                    raise BenchError(f"the {name} did not listen within 20 s") from None
-                time.sleep(0.05)
+        _spawn(server)
+        _wait_listening(server)
         yield server
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        _stop(server.proc)
+
+
+def _broker_command(
+    tmp: Path, port: int, *extra: str, burst_cost: int | None, in_memory: bool
+) -> list[str]:
+    from tether.broker.users import add_user
+
+    users = tmp / "users.json"
+    add_user(users, BENCH_USER, BENCH_PASSWORD, cost=BENCH_COST)
+    if burst_cost is not None:
+        add_user(users, BURST_USER, BURST_PASSWORD, cost=burst_cost)
+    # Durable is what the bench measures: SQLite in this broker's own directory, --sync full.
+    store = ["--in-memory"] if in_memory else ["--data-dir", str(tmp / "data"), "--sync", "full"]
+    return [
+        *(sys.executable, "-m", "tether", "serve", "--host", HOST, "--port", str(port)),
+        *("--users", str(users), "--log-format", "json", "--log-level", "warning"),
+        *store,
+        *extra,
+    ]
 
 
 @contextlib.contextmanager
-def broker_process(*extra: str, burst_cost: int | None = None) -> Iterator[Server]:
+def broker_process(
+    *extra: str, burst_cost: int | None = None, in_memory: bool = False
+) -> Iterator[Server]:
     """Start `tether serve` in a child process on a free loopback port; stop it after.
 
+    Durable (`--data-dir` in its own temporary directory, `--sync full`) unless `in_memory`.
     The users file holds the bench user (cost BENCH_COST) and, with `burst_cost`, the burst
     user (at that cost) for fresh registrations that cost what they cost in production.
     """
-    from tether.broker.users import add_user
-
     with tempfile.TemporaryDirectory(prefix="tether-bench-") as tmp_name:
         tmp = Path(tmp_name)
-        users = tmp / "users.json"
-        add_user(users, BENCH_USER, BENCH_PASSWORD, cost=BENCH_COST)
-        if burst_cost is not None:
-            add_user(users, BURST_USER, BURST_PASSWORD, cost=burst_cost)
         port = free_port()
-        cmd = [
-            *(sys.executable, "-m", "tether", "serve", "--host", HOST, "--port", str(port)),
-            *("--users", str(users), "--log-format", "json", "--log-level", "warning"),
-            *extra,
-        ]
+        cmd = _broker_command(tmp, port, *extra, burst_cost=burst_cost, in_memory=in_memory)
         with _server("broker", cmd, port, tmp) as server:
             yield server
+
+
+def kill_and_restart(server: Server) -> float:
+    """SIGKILL the broker and start it again (same data directory, same port): the seconds
+    from the new process's start to its first accepted connection."""
+    server.process.kill()
+    server.process.wait(timeout=10)
+    t0 = time.monotonic()
+    _spawn(server)
+    _wait_listening(server, timeout=60, interval=0.005)
+    return time.monotonic() - t0
 
 
 @contextlib.contextmanager
@@ -207,7 +257,8 @@ class Monitor:
 
     def __init__(self, address: tuple[str, int]) -> None:
         self.client = RawClient(address, timeout=30)
-        self.client.register(f"bench-monitor-{os.getpid()}")
+        # takeover: after a broker restart, this process's monitor session is still stored.
+        self.client.register(f"bench-monitor-{os.getpid()}", takeover=True)
         self._req = 0
 
     def stats(self) -> dict[str, Any]:

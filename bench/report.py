@@ -27,6 +27,7 @@ class Row:
     server_cpu: float | None = None
     gen_cpu: float | None = None
     verdict: str = ""  # PASS / MISS against the target, FAIL for broken checks
+    vs_memory: str = ""  # a durable figure as a share of the in-memory broker's, same run
 
 
 @dataclass
@@ -166,7 +167,9 @@ def header(info: dict[str, Any], date: str, quick: bool, bench_cost: int) -> str
         f" {info['python']}, Linux {info['kernel']}; load average at start"
         f" {' '.join(str(x) for x in info['loadavg_at_start'])}\n"
         f"bench user: bcrypt cost {bench_cost} (fresh registrations hash once each);"
-        " loopback only"
+        " loopback only\n"
+        "brokers: durable (SQLite, --sync full, a data directory each) unless marked"
+        " --in-memory"
     )
 
 
@@ -181,6 +184,7 @@ def table(results: list[ScenarioResult], console: Console) -> str:
         "value",
         "target",
         "vs relay",
+        "vs in-memory",
         "server CPU s",
         "gen CPU s",
         "result",
@@ -196,6 +200,7 @@ def table(results: list[ScenarioResult], console: Console) -> str:
                     row.value,
                     row.target,
                     row.vs_relay,
+                    row.vs_memory,
                     _fmt_cpu(row.server_cpu),
                     _fmt_cpu(row.gen_cpu),
                     row.verdict,

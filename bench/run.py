@@ -2,9 +2,12 @@
 
     scripts/bench [--quick] [--out DIR] [SCENARIO ...]
 
-Scenarios: throughput, fan-out, fan-in, connections, drain, storm, latency, burst (all by
-default). Exit status: 0 when every check held (a missed target is a MISS in the table, not a
-failure, unless --strict), 1 when anything was lost, duplicated, reordered or failed to run.
+Scenarios: throughput, fan-out, fan-in, connections, drain, storm, latency, burst, restart,
+offline-fleet (all by default). Brokers are durable (SQLite, `--sync full`, a data directory
+each in a temporary directory); throughput, fan-out, fan-in, drain and latency are measured on
+an `--in-memory` broker too, in the same run. Exit status: 0 when every check held (a missed
+target is a MISS in the table, not a failure, unless --strict), 1 when anything was lost,
+duplicated, reordered or failed to run.
 """
 
 from __future__ import annotations

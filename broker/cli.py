@@ -68,6 +68,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         metavar="SECONDS",
         help="time a connection may take to register (default: %(default)s)",
     )
+    _store_arguments(serve)
     serve.add_argument(
         "--log-format",
         choices=FORMATS,
@@ -100,6 +101,33 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     list_ = user_commands.add_parser("list", help="list user names and creation times")
     _users_argument(list_)
     list_.set_defaults(func=_cmd_user_list)
+
+
+def _store_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where sessions and queues are kept, and what a commit survives (README, "Command line";
+    docs/architecture.md, "The store")."""
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "--data-dir",
+        type=Path,
+        default=_DEFAULT.data_dir,
+        metavar="DIR",
+        help="directory of the store (SQLite): sessions, subscriptions and queued messages "
+        "survive a restart; created (mode 0700) if missing (default: %(default)s)",
+    )
+    where.add_argument(
+        "--in-memory",
+        action="store_true",
+        help="keep everything in memory only: no files, and a restart loses every session "
+        "and queued message",
+    )
+    parser.add_argument(
+        "--sync",
+        choices=("full", "normal"),
+        default=_DEFAULT.sync,
+        help="when a commit is on disk: full (an `ok` survives a power loss) or normal (it "
+        "survives a crash of the broker process, not of the machine) (default: %(default)s)",
+    )
 
 
 def _users_argument(parser: argparse.ArgumentParser) -> None:
@@ -141,6 +169,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             max_frame=args.max_frame,
             register_timeout=args.register_timeout,
             log_format=log_format,
+            data_dir=None if args.in_memory else args.data_dir,
+            sync=args.sync,
         )
     except ValueError as exc:
         return _refuse_start(str(exc))

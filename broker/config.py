@@ -28,8 +28,9 @@ class BrokerConfig:
     auth_fail_window: float = 60.0
     auth_fail_penalty: float = 1.0  # seconds before a blocked address hears of a wrong password
     log_format: str = "console"  # json | console
-    # Where the store lives (SQLite, docs/architecture.md section 15); None: in memory only.
-    data_dir: Path | None = None
+    # Where the store lives (SQLite, docs/architecture.md section 15): durable by default,
+    # relative to the working directory; None: in memory only (`--in-memory`), no files.
+    data_dir: Path | None = Path("tether-data")
     sync: str = "full"  # full | normal: SQLite's `synchronous` (what each survives: section 15)
 
     def __post_init__(self) -> None:

@@ -183,6 +183,12 @@ def _recover(store: Store, now: float) -> Snapshot:
     deleted (logged with what they held); the rest come back, their queued messages left in
     the store to be read back a page at a time when their sessions resume."""
     snapshot = store.load()
+    _log.info(
+        "store_loaded",
+        sessions=len(snapshot.sessions),
+        subscriptions=sum(1 for sub in snapshot.subscriptions if sub.active),
+        queued=sum(sub.queued for sub in snapshot.subscriptions),
+    )
     expired = {
         s.session_id for s in snapshot.sessions if s.expires_at is not None and s.expires_at <= now
     }

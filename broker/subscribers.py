@@ -80,6 +80,7 @@ __all__ = ["SubscriberManager"]
 
 MEMORY_HEAD = 100  # messages an away queue keeps in memory; the rest only in the store
 PAGE = 1_000  # messages of a queue's tail read back at once
+COMMIT_BACKLOG = 20_000  # messages waiting for their commit before publishers are paused
 
 _log = structlog.get_logger("tether.subscribers")
 
@@ -126,6 +127,7 @@ class _Pending:
     ended: bool = False
     submitted: bool = True
     appends: list[_Run] = field(default_factory=list)  # one per Append
+    size: int = 0  # messages appended (counted against the backlog until committed)
     latest: dict[int, _Run] = field(default_factory=dict)  # id(queue) -> its latest run
     subscribed: list[tuple[SessionSubs, SubscriptionQueue]] = field(default_factory=list)  # made
 
@@ -190,6 +192,7 @@ class SubscriberManager(LoopActor):
         restored_subscriptions: Sequence[SubscriptionRecord] = (),
         memory_head: int = MEMORY_HEAD,
         page: int = PAGE,
+        commit_backlog: int = COMMIT_BACKLOG,
     ) -> None:
         super().__init__(loop, loop_thread)
         self._max_frame = max_frame  # told to clients in `registered`
@@ -205,6 +208,12 @@ class SubscriberManager(LoopActor):
         self._page = max(1, page)
         self._inflight: deque[_Pending] = deque()
         self._lazy: list[StoreOp] = []  # writes that may ride in the next batch
+        self._failed_batches = self._failed_messages = 0  # since the store last committed
+        # Messages appended and not yet committed, and the publishers paused until the store
+        # has caught up with them (the backlog bounds the memory a slow disk can cost).
+        self._uncommitted = 0
+        self._backlog = max(1, commit_backlog)
+        self._slowed: dict[int, ConnHandle] = {}
         if store is not None:
             self._fanout.journal = []
             self._restore(restored_sessions, restored_subscriptions)
@@ -554,6 +563,18 @@ class SubscriberManager(LoopActor):
             batch[:0] = self._lazy
             self._lazy = []
         self._inflight.append(pending)
+        pending.size = sum(len(run.payloads) for run in pending.appends)
+        self._uncommitted += pending.size
+        conn = pending.conn
+        if (
+            self._uncommitted > self._backlog
+            and conn is not None
+            and conn.conn_id not in self._slowed
+        ):
+            # The disk is behind: stop reading this publisher until it catches up, so that
+            # what waits for a commit (held here, payloads included) stays bounded.
+            self._slowed[conn.conn_id] = conn
+            _throttle(conn, True)
         ref = self.actor_ref
 
         def done(error: StoreError | None) -> None:
@@ -563,14 +584,28 @@ class SubscriberManager(LoopActor):
 
     def _on_committed(self, error: StoreError | None) -> None:
         inflight = self._inflight
-        self._answer(inflight.popleft(), error)
+        first = inflight.popleft()
+        self._uncommitted -= first.size
+        self._answer(first, error)
         # Answers that wrote nothing and waited only for their turn.
         while inflight and not inflight[0].submitted:
             self._answer(inflight.popleft(), None)
+        if self._slowed and self._uncommitted <= self._backlog // 2:
+            slowed, self._slowed = self._slowed, {}
+            for conn_id, conn in slowed.items():
+                if conn_id not in self._held_conns:  # a held one stays paused
+                    _throttle(conn, False)
 
     def _answer(self, pending: _Pending, error: StoreError | None) -> None:
         touched: dict[str, SessionSubs] = {}
         if error is None:
+            if self._failed_batches and pending.submitted:
+                _log.info(
+                    "batches_stored_again",
+                    failed_batches=self._failed_batches,
+                    messages_not_stored=self._failed_messages,
+                )
+                self._failed_batches = self._failed_messages = 0
             for run in pending.appends:
                 q, last = run.q, run.last
                 if last > q.committed:
@@ -598,12 +633,11 @@ class SubscriberManager(LoopActor):
             for subs, q in pending.subscribed:
                 if subs.queues.get(q.topic) is q:
                     self._fanout.unsubscribe(subs, q.topic)
-            _log.warning(
-                "batch_not_stored",
-                conn_id=pending.conn.conn_id if pending.conn is not None else None,
-                messages_taken_back=dropped,
-                error=str(error),
-            )
+            # Logged once until the store commits again (the store logs the cause's kind).
+            if not self._failed_batches:
+                _log.warning("batches_not_stored", error=str(error))
+            self._failed_batches += 1
+            self._failed_messages += dropped
         conn = pending.conn
         if conn is not None and (pending.replies or pending.close):
             data = b"".join([_reply(r, error) for r in pending.replies])

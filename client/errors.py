@@ -99,23 +99,23 @@ class TakenOver(TetherError):
 
 
 class SessionLost(TetherError):
-    """The session expired or ended while away; a fresh one replaced it. Queued messages and
-    whatever the old session had not delivered are gone."""
+    """The broker no longer knew the session when the client resumed it (`unknown_session`);
+    a fresh one replaced it. Queued messages and whatever the old session had not delivered
+    are gone. The client cannot tell why: the message lists what makes a broker forget one."""
 
     old_session_id: str | None
 
     def __init__(self, old_session_id: str | None, *, expiry: float | None = None) -> None:
         self.old_session_id = old_session_id
-        hint = (
-            "reconnect sooner, or ask for a longer `tether serve --session-expiry`"
-            if expiry is None
-            else f"it lingers only {expiry:g} s after a disconnect: reconnect sooner, or ask "
-            "for a longer `tether serve --session-expiry`"
-        )
+        which = "the session" if old_session_id is None else f"session {old_session_id}"
+        away = "away longer than its expiry" + ("" if expiry is None else f" ({expiry:g} s)")
         super().__init__(
-            f"session {old_session_id} was gone when the client came back (expired, "
-            f"unregistered or taken over); a new session replaced it and messages queued for "
-            f"the old one are lost: {hint}"
+            f"{which} is gone: the broker answered unknown_session to the "
+            "resume; a new session replaced it and messages queued for the old one are lost. "
+            f"A broker forgets a session that was unregistered, taken over, {away}, or that "
+            "its store no longer holds (a broker run with --in-memory, or on another "
+            "--data-dir): if this was unexpected, check the broker's --session-expiry and "
+            "--data-dir"
         )
 
 

@@ -45,7 +45,9 @@ def start_broker(users_file: Path) -> Iterator[Callable[..., Broker]]:
     started: list[Broker] = []
 
     def start(**overrides: Any) -> Broker:
-        config = replace(BrokerConfig(port=0, users_path=users_file), **overrides)
+        # In memory unless a test asks for a data directory (then its own, under tmp_path):
+        # nothing is written to the working directory.
+        config = replace(BrokerConfig(port=0, users_path=users_file, data_dir=None), **overrides)
         broker = Broker(config, users=UserStore.load(users_file))
         broker.start()
         started.append(broker)

@@ -16,6 +16,7 @@ import pytest
 
 from bench.checks import MARK, Stream, Tally
 from bench.fastwire import DeliverDecoder
+from bench.harness import broker_process
 from bench.loadgen import PublishEncoder
 from bench.report import Console
 from bench.scenarios import SCENARIOS, TINY, run_scenario
@@ -48,12 +49,26 @@ def test_scenario_runs_and_its_checks_hold(name: str) -> None:
         assert res.figures["checks"]["received"] == TINY.storm * TINY.storm_queued
     if name == "drain":
         assert res.figures["queued_reported"] == TINY.drain
+        assert res.figures["in_memory"]["queued_reported"] == TINY.drain
     if name == "connections":
         assert res.figures["liveness_alive"] == res.figures["liveness_asked"] > 0
     if name in ("throughput", "fan-out", "fan-in"):
-        for who in ("tether", "relay"):
+        # Durable, in-memory and the relay, each measured and checked.
+        for who in ("tether", "tether_in_memory", "relay"):
             checks = res.figures[who]["checks"]
             assert checks["lost"] == 0 and checks["received"] == checks["expected"] > 0
+        assert res.figures["ratio_to_in_memory"] > 0
+    if name == "latency":
+        assert res.figures["in_memory_checks"]["lost"] == 0
+    if name == "restart":
+        queued = TINY.restart_sessions * TINY.restart_queued
+        assert res.figures["queued_reported_before_kill"] == queued
+        assert res.figures["checks"]["received"] == queued  # every one after the SIGKILL
+        assert 0 < res.figures["listen_seconds"] <= res.figures["recover_seconds"]
+    if name == "offline-fleet":
+        queued = TINY.fleet_sessions * TINY.fleet_queued
+        assert res.figures["queued_reported"] == res.figures["checks"]["received"] == queued
+        assert res.figures["rss_waiting_kib"] > 0
 
 
 def test_burst_uses_the_cost_it_is_given() -> None:
@@ -79,6 +94,15 @@ def test_command_line_writes_json_and_latest(tmp_path: Path) -> None:
     assert latest["ok"] is True
     assert [s["name"] for s in latest["scenarios"]] == ["drain"]
     assert len(list(tmp_path.glob("bench-*.json"))) == 1
+
+
+def test_each_bench_broker_has_its_own_data_directory() -> None:
+    with broker_process() as one, broker_process() as two, broker_process(in_memory=True) as mem:
+        dirs = [s.cmd[s.cmd.index("--data-dir") + 1] for s in (one, two)]
+        assert dirs[0] != dirs[1]
+        assert all(Path(d).is_dir() for d in dirs)  # created by the brokers
+        assert "--in-memory" in mem.cmd and "--data-dir" not in mem.cmd
+        assert one.cmd[one.cmd.index("--sync") + 1] == "full"
 
 
 def test_unknown_scenario_is_refused() -> None:

@@ -229,6 +229,41 @@ def test_serve_defaults_are_the_broker_configs(
     assert fake_server == [BrokerConfig(users_path=path, log_format="json")]
 
 
+def test_serve_store_options(fake_server: list[Any], tmp_path: Path) -> None:
+    users = ["--users", str(tmp_path / "users.json")]
+    assert main(["serve", *users, "--data-dir", str(tmp_path / "d"), "--sync", "normal"]) == 0
+    assert main(["serve", *users, "--in-memory"]) == 0
+    durable, memory = fake_server
+    assert (durable.data_dir, durable.sync) == (tmp_path / "d", "normal")
+    assert (memory.data_dir, memory.sync) == (None, "full")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--in-memory", "--data-dir", "x"],
+        ["--sync", "off"],
+    ],
+)
+def test_serve_refuses_conflicting_or_unknown_store_options(
+    fake_server: list[Any], capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["serve", *argv])
+    assert info.value.code == 2
+    assert fake_server == []
+    err = capsys.readouterr().err
+    assert "not allowed with" in err or "invalid choice" in err
+
+
+def test_serve_help_says_what_each_sync_promises(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--data-dir DIR" in text and "--in-memory" in text
+    assert "power loss" in text and "crash of the broker process" in text
+
+
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         main(["--version"])
@@ -240,6 +275,7 @@ def _serve(*args: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
     users = tmp_path / "users.json"
     return subprocess.run(
         [sys.executable, "-m", "tether", "serve", "--users", str(users), *args],
+        cwd=tmp_path,  # the default data directory is relative: keep it out of the checkout
         capture_output=True,
         text=True,
         timeout=30,

@@ -15,9 +15,9 @@ from typing import IO
 import pytest
 
 from tests.test_client_chaos import ChaosProxy, wait_until
-from tests.test_client_restart import cli_env, serve_broker, tether
+from tests.test_client_restart import cli_env, tether
 from tether.broker.server import Broker
-from tether.client import Client
+from tether.client import Client, SessionLost
 from tether.protocol import DEFAULT_MAX_FRAME
 
 
@@ -350,42 +350,112 @@ def test_sub_interrupted_while_the_broker_is_away_ends_within_bounds(
     assert "lingers on the broker until it expires" in told
 
 
+def serve_broker_in(
+    users: Path, port: int, brokers: list[subprocess.Popen[bytes]], *store: str
+) -> int:
+    """`tether serve` with store options (`--data-dir DIR` or `--in-memory`) in a process;
+    its port once it listens. Its log is drained by a thread."""
+    proc = subprocess.Popen(
+        tether("serve", "--port", str(port), "--users", str(users), "--log-format", "json")
+        + list(store),
+        stdout=subprocess.PIPE,
+        env=cli_env(),
+    )
+    brokers.append(proc)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        event = json.loads(line)
+        if event.get("event") == "listening":
+            threading.Thread(target=proc.stdout.read, daemon=True).start()
+            return int(event["port"])
+    raise AssertionError(f"the broker did not start (status {proc.wait(10)})")
+
+
+@pytest.fixture
+def brokers() -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+
+
 def test_sub_says_when_a_restarted_broker_gave_it_a_new_session(
-    users_file: Path, watched: list[Watched]
+    users_file: Path, watched: list[Watched], brokers: list[subprocess.Popen[bytes]]
 ) -> None:
-    brokers: list[subprocess.Popen[bytes]] = []
-    try:
-        port = str(serve_broker(users_file, 0, brokers))
-        listener = Watched(tether("sub", "news", "--username", "alice", "--port", port))
-        watched.append(listener)
-        wait_until(lambda: topics(port) == 1, 15, lambda: "the subscription")
-        brokers[0].send_signal(signal.SIGTERM)
-        brokers[0].wait(10)
-        lost = listener.stderr_line(lambda line: "lost" in line)
-        assert lost.startswith(f"tether: lost the connection to 127.0.0.1:{port}")
-        serve_broker(users_file, int(port), brokers)  # a new broker process knows no sessions
-        back = listener.stderr_line(lambda line: "reconnected" in line)
-        assert back == (
-            f"tether: reconnected to 127.0.0.1:{port} with a new session (the old one was "
-            "gone): the messages queued for it are lost"
-        )
-        wait_until(lambda: topics(port) == 1, 15, lambda: "the subscription again")
-        pub(port, "news", "again", "--confirm")
-        assert listener.stdout_line() == "again"
-        assert listener.err_seen == [lost, back]  # and no long warning besides
-    finally:
-        for proc in brokers:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(10)
+    # An --in-memory broker forgets its sessions when it stops.
+    port = str(serve_broker_in(users_file, 0, brokers, "--in-memory"))
+    listener = Watched(tether("sub", "news", "--username", "alice", "--port", port))
+    watched.append(listener)
+    wait_until(lambda: topics(port) == 1, 15, lambda: "the subscription")
+    brokers[0].send_signal(signal.SIGTERM)
+    brokers[0].wait(10)
+    lost = listener.stderr_line(lambda line: "lost" in line)
+    assert lost.startswith(f"tether: lost the connection to 127.0.0.1:{port}")
+    serve_broker_in(users_file, int(port), brokers, "--in-memory")
+    back = listener.stderr_line(lambda line: "reconnected" in line)
+    assert back == (
+        f"tether: reconnected to 127.0.0.1:{port} with a new session (the old one was "
+        "gone): the messages queued for it are lost"
+    )
+    wait_until(lambda: topics(port) == 1, 15, lambda: "the subscription again")
+    pub(port, "news", "again", "--confirm")
+    assert listener.stdout_line() == "again"
+    assert listener.err_seen == [lost, back]  # and no long warning besides
+
+
+def test_sub_resumes_its_session_after_the_broker_was_killed(
+    users_file: Path, tmp_path: Path, watched: list[Watched], brokers: list[subprocess.Popen[bytes]]
+) -> None:
+    """Issue 10 as it was found: a `tether sub --state` killed, two messages published with
+    --confirm, the broker killed and restarted on its data directory: both arrive."""
+    data = str(tmp_path / "data")
+    port = str(serve_broker_in(users_file, 0, brokers, "--data-dir", data))
+    state = str(tmp_path / "sub.state")
+    args = ("sub", "jobs", "--state", state, "--username", "alice", "--port", port)
+    first = Watched(tether(*args, "--client-id", "worker"))
+    watched.append(first)
+    wait_until(lambda: topics(port) == 1, 15, lambda: "the subscription")
+    first.proc.kill()
+    first.proc.wait(10)
+    pub(port, "jobs", "--lines", "--confirm", stdin=b"one\ntwo\n")
+    brokers[0].kill()
+    brokers[0].wait(10)
+    serve_broker_in(users_file, int(port), brokers, "--data-dir", data)
+    second = Watched(tether(*args, "--count", "2"))
+    watched.append(second)
+    assert [second.stdout_line(), second.stdout_line()] == ["one", "two"]
+    assert second.proc.wait(15) == 0, second.err_seen
+    # A connected `tether sub` rides out a restart on the same session.
+    third = Watched(tether(*args))
+    watched.append(third)
+    # Connected: the counter reader and this subscriber.
+    wait_until(lambda: broker_stat(port, "connected") == 2, 15, lambda: "the subscriber")
+    brokers[1].kill()
+    brokers[1].wait(10)
+    lost = third.stderr_line(lambda line: "lost" in line)
+    serve_broker_in(users_file, int(port), brokers, "--data-dir", data)
+    back = third.stderr_line(lambda line: "reconnected" in line)
+    assert back == (
+        f"tether: reconnected to 127.0.0.1:{port}: session resumed, 0 queued messages to come"
+    )
+    pub(port, "jobs", "three", "--confirm")
+    assert third.stdout_line() == "three"
+    assert third.err_seen == [lost, back]
 
 
 def topics(port: str) -> int:
     """The `topics` counter of the broker at `port` (asked over the wire)."""
+    return broker_stat(port, "topics")
+
+
+def broker_stat(port: str, key: str) -> int:
+    """One counter of the broker at `port`, asked over the wire (by a session of its own)."""
     with Client(
         client_id="counter-reader", username="bob", password="hunter2", port=int(port)
     ) as reader:
-        count: int = reader.stats()["topics"]
+        count: int = reader.stats()[key]
         reader.unregister()
     return count
 
@@ -435,3 +505,14 @@ def test_pub_help_mentions_only_its_own_options() -> None:
 
     assert "--state" not in help_of("pub")
     assert "--state" in help_of("sub")
+
+
+def test_session_lost_says_what_the_client_knows_and_guesses_nothing() -> None:
+    """After a broker restart a session is normally resumed; when it is not, the client
+    cannot tell why, so the message lists the causes instead of blaming the expiry."""
+    text = str(SessionLost("s-1", expiry=300))
+    assert text.startswith("session s-1 is gone: the broker answered unknown_session")
+    assert "(expired," not in text  # the old message's guess
+    for cause in ("unregistered", "taken over", "expiry (300 s)", "--in-memory", "--data-dir"):
+        assert cause in text
+    assert str(SessionLost(None)).startswith("the session is gone")

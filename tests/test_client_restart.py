@@ -109,9 +109,12 @@ def test_a_killed_subscriber_restarted_with_its_state_file_loses_nothing(
     assert after == list(range(resumed_at, n + 1))
 
 
-def serve_broker(users: Path, port: int, processes: list[subprocess.Popen[bytes]]) -> int:
+def serve_broker(
+    users: Path, port: int, processes: list[subprocess.Popen[bytes]], *store: str
+) -> int:
+    """Start `tether serve` (`store`: `--in-memory`, or `--data-dir DIR`); returns its port."""
     proc = subprocess.Popen(
-        tether("serve", "--port", str(port), "--users", str(users), "--log-format", "json"),
+        tether("serve", "--port", str(port), "--users", str(users), "--log-format", "json", *store),
         stdout=subprocess.PIPE,
         env=cli_env(),
     )
@@ -125,10 +128,10 @@ def serve_broker(users: Path, port: int, processes: list[subprocess.Popen[bytes]
     raise AssertionError("the broker did not start")
 
 
-def test_a_subscriber_survives_the_broker_being_restarted(
+def test_a_subscriber_survives_an_in_memory_broker_being_restarted(
     users_file: Path, processes: list[subprocess.Popen[bytes]]
 ) -> None:
-    port = serve_broker(users_file, 0, processes)
+    port = serve_broker(users_file, 0, processes, "--in-memory")
     lost: list[SessionLost] = []
     got: list[bytes] = []
     options = {"username": "alice", "password": "secret", "port": port, **FAST}
@@ -137,7 +140,8 @@ def test_a_subscriber_survives_the_broker_being_restarted(
         processes[0].send_signal(signal.SIGTERM)
         processes[0].wait(10)
         wait_until(lambda: not sub.connected, 5, lambda: "the connection loss")
-        serve_broker(users_file, port, processes)  # a new broker process knows no sessions
+        # A new in-memory broker process knows no sessions.
+        serve_broker(users_file, port, processes, "--in-memory")
         wait_until(lambda: bool(lost) and sub.connected, 10, lambda: "a new session")
         with Client(client_id="pub", **options) as pub:  # type: ignore[arg-type]
             deadline = time.monotonic() + 5
@@ -147,3 +151,27 @@ def test_a_subscriber_survives_the_broker_being_restarted(
                 time.sleep(0.05)
     assert got and set(got) == {b"again"}
     assert "session" in str(lost[0])
+
+
+def test_a_subscriber_resumes_its_session_on_a_restarted_durable_broker(
+    users_file: Path, processes: list[subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    data = str(tmp_path / "data")
+    port = serve_broker(users_file, 0, processes, "--data-dir", data)
+    lost: list[SessionLost] = []
+    got: list[bytes] = []
+    options = {"username": "alice", "password": "secret", "port": port, **FAST}
+    with Client(client_id="survivor", on_session_lost=lost.append, **options) as sub:  # type: ignore[arg-type]
+        sub.subscribe("t", lambda m: got.append(m.payload))
+        with Client(client_id="pub", **options) as pub:  # type: ignore[arg-type]
+            pub.publish("t", b"before", confirm=True)
+            wait_until(lambda: got == [b"before"], 5, lambda: "the first message")
+            processes[0].send_signal(signal.SIGTERM)
+            processes[0].wait(10)
+            wait_until(lambda: not sub.connected, 5, lambda: "the connection loss")
+            serve_broker(users_file, port, processes, "--data-dir", data)
+            # Both clients resume; the publisher's confirmed message reaches the subscriber
+            # on the session it had, with no re-subscription.
+            pub.publish("t", b"after", confirm=True)
+        wait_until(lambda: got == [b"before", b"after"], 10, lambda: f"both messages: {got}")
+    assert lost == []

@@ -44,7 +44,7 @@ class FakeRef:
 
 
 def test_a_counter_reported_by_two_actors_is_refused() -> None:
-    broker = Broker(BrokerConfig(port=0))
+    broker = Broker(BrokerConfig(port=0, data_dir=None))
     broker._refs = {
         "listeners": FakeRef({"connections": 1}),
         "supervisor": FakeRef({"auth_ok": 2, "sessions": 3}),

@@ -367,7 +367,9 @@ def test_long_passwords_are_not_truncated(tmp_path: Path, dial: Dial) -> None:
     users = tmp_path / "users.json"
     long_password = "p" * 72 + "A"
     add_user(users, "longpw", long_password, cost=4)
-    broker = Broker(BrokerConfig(port=0, users_path=users), users=UserStore.load(users))
+    broker = Broker(
+        BrokerConfig(port=0, users_path=users, data_dir=None), users=UserStore.load(users)
+    )
     broker.start()
     try:
         client = dial(broker)

@@ -244,3 +244,83 @@ def test_oversized_message_is_kept_alone() -> None:
     assert q.push(b"0123456789", connected=False) == 1
     assert list(q.pending) == [(2, b"0123456789")]
     assert (q.dropped_live, q.dropped_away, q.bytes) == (0, 1, 10)
+
+
+# --- the tail on disk (with a store) ----------------------------------------------------------
+
+
+def _stored_queue(max_count: int = 10, spill: int = 2) -> SubscriptionQueue:
+    q = SubscriptionQueue("t", max_count=max_count, max_bytes=1 << 20)
+    q.committed = 0
+    q.dropped_seqs = []
+    q.spill = spill
+    return q
+
+
+def test_an_away_queue_keeps_a_head_in_memory_and_counts_the_tail() -> None:
+    q = _stored_queue(spill=2)
+    for i in range(1, 6):
+        q.push(b"m%d" % i, connected=False)
+    assert [s for s, _ in q.pending] == [1, 2]
+    assert (q.disk, q.disk_after, len(q), q.bytes) == (3, 2, 5, 10)
+    q.committed = 5
+    assert q.start_read() == 2
+    assert q.page_in([(3, b"m3"), (4, b"m4"), (5, b"m5")], 10) == 3
+    assert [s for s, _ in q.pending] == [1, 2, 3, 4, 5]
+    assert (q.disk, q.disk_bytes, len(q), q.bytes, q.reading) == (0, 0, 5, 10, False)
+    # With the tail gone and the session back, pushes go to memory again.
+    q.spill = 0
+    q.push(b"m6", connected=True)
+    assert [s for s, _ in q.pending][-1] == 6 and q.disk == 0
+
+
+def test_overflow_drops_the_head_then_the_oldest_of_the_tail() -> None:
+    q = _stored_queue(max_count=3, spill=1)
+    for i in range(1, 6):
+        q.push(b"m%d" % i, connected=False)
+    # 1 was the head in memory (a `Discard`), 2 the oldest of the tail (a `DiscardOldest`).
+    assert q.dropped_seqs == [1]
+    assert (q.disk_discarded, q.disk, len(q), q.dropped_away) == (1, 3, 3, 2)
+    assert q.start_read() == 1  # the store holds 3, 4, 5 after the discards
+    q.push(b"m6", connected=False)  # drops the tail's oldest (3) while the read is out
+    assert (q.read_skip, q.disk, q.disk_discarded) == (1, 3, 2)
+    assert q.page_in([(3, b"m3"), (4, b"m4"), (5, b"m5")], 10) == 2
+    assert [s for s, _ in q.pending] == [4, 5]
+    assert (q.disk, q.disk_after, len(q)) == (1, 5, 3)
+
+
+def test_trim_moves_what_is_stored_beyond_the_head_to_the_tail() -> None:
+    q = _stored_queue(spill=0)
+    for i in range(1, 6):
+        q.push(b"m%d" % i, connected=True)
+    q.spill = 2
+    q.trim()  # nothing is committed yet: the tail must be stored
+    assert q.disk == 0 and len(q.pending) == 5
+    q.committed = 5
+    q.trim()
+    assert [s for s, _ in q.pending] == [1, 2]
+    assert (q.disk, q.disk_after, q.disk_bytes, len(q)) == (3, 2, 6, 5)
+
+
+def test_a_short_read_corrects_a_tail_counted_too_long() -> None:
+    q = _stored_queue(spill=1)
+    for i in range(1, 5):
+        q.push(b"m%d" % i, connected=False)
+    q.committed = 4
+    q.start_read()
+    # The store has only 2 and 4 (3's commit failed and was counted in the tail anyway).
+    assert q.page_in([(2, b"m2"), (4, b"m4")], 10) == 2
+    assert (q.disk, q.disk_bytes, len(q), q.bytes) == (0, 0, 3, 6)
+
+
+def test_sendable_stops_at_the_committed_seq() -> None:
+    q = _stored_queue(spill=0)
+    for i in range(1, 6):
+        q.push(b"m%d" % i, connected=True)
+    assert q.sendable() == 0
+    q.committed = 3
+    assert q.sendable() == 3
+    q.take_many(3)
+    assert q.sendable() == 0
+    q.committed = 5
+    assert q.sendable() == 2

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from tether.broker import subscribers
 from tether.broker.fanout import Fanout
 from tether.broker.messages import (
     Attach,
@@ -27,6 +29,8 @@ from tether.broker.messages import (
     SessionOps,
     Throttle,
 )
+from tether.broker.store import PutSession, SessionRecord
+from tether.broker.store_memory import MemoryStore
 from tether.broker.subscribers import SubscriberManager, _WaitOver
 from tether.protocol import (
     BROKER_FRAME_TYPES,
@@ -69,6 +73,20 @@ class FakeLoop:
 
     def call_later(self, delay: float, callback: Any) -> None:
         self.timers.append(callback)
+
+
+def _record(session_id: str) -> SessionRecord:
+    return SessionRecord(
+        session_id=session_id,
+        client_id=session_id.lower(),
+        username="alice",
+        keepalive=60,
+        metadata={},
+        token_hash=b"",
+        previous_hash=None,
+        created=0.0,
+        last_seen=0.0,
+    )
 
 
 def _stats(sm: SubscriberManager) -> dict[str, int]:
@@ -310,3 +328,73 @@ def _decode_one(data: bytes) -> object:
     frame = decoder.next_frame()
     assert decoder.next_frame() is NEED_DATA
     return frame
+
+
+# --- with a store: commit first, and a bounded backlog ---------------------------------------
+
+
+class HoldingStore(MemoryStore):
+    """Applies each batch at once but holds its `on_done` until the test calls it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.done: list[Any] = []
+
+    def submit(self, batch: Any, on_done: Any) -> None:
+        results: list[Any] = []
+        super().submit(batch, results.append)
+        self.done.append(lambda: on_done(results[0]))
+
+
+def test_nothing_goes_out_before_the_commit_and_a_backlog_pauses_the_publisher(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    store = HoldingStore()
+    sm = SubscriberManager(
+        FakeLoop(),  # type: ignore[arg-type]
+        0,
+        queue_limit=100,
+        queue_bytes=1 << 30,
+        outbound_high_water=1 << 20,
+        store=store,
+        commit_backlog=5,
+    )
+    committed: list[Any] = []
+
+    def tell(ref: Any, message: Any) -> bool:
+        if type(message).__name__ == "_Committed":
+            committed.append(message)
+        else:
+            ref.tell(message)
+        return True
+
+    monkeypatch.setattr(subscribers, "tell", tell)
+
+    def settle() -> None:
+        while store.done or committed:
+            while store.done:
+                store.done.pop(0)()
+            while committed:
+                sm.on_receive(committed.pop(0))
+
+    pub_ref, sub_ref = Ref(), Ref()
+    pub = ConnHandle(1, pub_ref, "p")  # type: ignore[arg-type]
+    sub = ConnHandle(2, sub_ref, "s")  # type: ignore[arg-type]
+    store.submit((PutSession(_record("P")), PutSession(_record("S"))), lambda _e: None)
+    settle()
+    sm.on_receive(Attach("P", "pub", pub, 0, "tp", False, 60, 60))
+    sm.on_receive(Attach("S", "sub", sub, 0, "ts", False, 60, 60))
+    sm.on_receive(SessionOps("S", sub, (Subscribe(req=1, topic=TOPIC),)))
+    settle()
+    pub_ref.told.clear()
+    sub_ref.told.clear()
+    batch = tuple(Publish(topic=TOPIC, payload=b"%d" % i) for i in range(9))
+    sm.on_receive(SessionOps("P", pub, (*batch, Publish(topic=TOPIC, payload=b"9", req=7))))
+    # Stored, not yet committed: no `ok`, no deliveries, and the publisher is paused.
+    assert pub_ref.told == [Throttle(True)]
+    assert not [m for m in sub_ref.told if isinstance(m, Outbound) and m.data]
+    settle()
+    assert pub_ref.told[1:] == [Outbound(encode(Ok(req=7))), Throttle(False)]
+    delivered = [d.payload for m in sub_ref.told for d, _ in _deliveries(m.data)]
+    assert delivered == [b"%d" % i for i in range(10)]
+    assert [s.queued for s in store.load().subscriptions] == [10]
