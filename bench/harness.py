@@ -193,15 +193,16 @@ def broker_process(
             yield server
 
 
-def kill_and_restart(server: Server) -> float:
-    """SIGKILL the broker and start it again (same data directory, same port): the seconds
-    from the new process's start to its first accepted connection."""
+def kill_and_restart(server: Server) -> tuple[float, float]:
+    """SIGKILL the broker and start it again (same data directory, same port). Returns when
+    the new process was started (time.monotonic()) and the seconds from then to its first
+    accepted connection."""
     server.process.kill()
     server.process.wait(timeout=10)
     t0 = time.monotonic()
     _spawn(server)
     _wait_listening(server, timeout=60, interval=0.005)
-    return time.monotonic() - t0
+    return t0, time.monotonic() - t0
 
 
 @contextlib.contextmanager

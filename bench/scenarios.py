@@ -945,8 +945,7 @@ def restart(sizes: Sizes, console: Console) -> ScenarioResult:
     with broker_process() as server, Fleet(server) as fleet:
         filled = _fill(fleet, server, console, "restart", n, each, sizes)
         filled.monitor.close()
-        t_start = time.monotonic()
-        listen_s = kill_and_restart(server)
+        t_start, listen_s = kill_and_restart(server)
         cpu0 = server.cpu()
         resumed = _resume(fleet, console, "restart", filled.shards, n, each)
         server_cpu = server.cpu() - cpu0
