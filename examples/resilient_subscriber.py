@@ -1,13 +1,13 @@
 """A subscriber that keeps going through broker restarts, network cuts, and its own
 restarts. Its state file keeps the session and the last seq handled per topic, so after a
 restart of the script it resumes, gets what was queued meanwhile, and never shows a message
-twice. If the broker forgot the session (expired, or the broker restarted: sessions and
-queues live in its memory), the client registers afresh, re-subscribes, and says so; what
+twice. A broker restart changes nothing either: the broker keeps sessions and queues in its
+data directory. If the broker forgot the session (it expired, or the broker runs
+`--in-memory` and restarted), the client registers afresh, re-subscribes, and says so; what
 was queued for it then is lost.
 
     TETHER_PASSWORD=... .venv/bin/python examples/resilient_subscriber.py alerts metrics
-    (kill and restart this script: nothing is lost or repeated; restart the broker: it
-    carries on with a new session)
+    (kill and restart this script, or the broker: nothing is lost or repeated)
 """
 
 from __future__ import annotations
