@@ -300,6 +300,14 @@ class AsyncClient(FrontEnd):
     def _wake(self) -> None:
         self._changed.set()
 
+    def _retry_later(self, req: int, delay: float) -> None:
+        asyncio.get_running_loop().call_later(delay, self._retry, req)
+
+    def _retry(self, req: int) -> None:
+        if not self._machine.closed:
+            self._machine.retry(req)
+            self._schedule_flush()
+
     # --- internals: the connection task --------------------------------------------------
 
     async def _run(self) -> None:

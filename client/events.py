@@ -22,6 +22,7 @@ __all__ = [
     "Registered",
     "RequestDone",
     "RequestFailed",
+    "RetryLater",
     "SessionLost",
     "TakenOver",
 ]
@@ -89,6 +90,15 @@ class RequestFailed:
 
 
 @dataclass(frozen=True, slots=True)
+class RetryLater:
+    """The broker answered request `req` `unavailable` (it could not store it for now): the
+    front end calls `retry(req)` after the backoff delay of `attempt` (0 for the first)."""
+
+    req: int
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
 class BrokerError:
     """An `error` frame not tied to any request of ours (e.g. for a fire-and-forget publish)."""
 
@@ -147,6 +157,7 @@ Event = (
     | TakenOver
     | RequestDone
     | RequestFailed
+    | RetryLater
     | BrokerError
     | Refused
     | Disconnect

@@ -261,6 +261,10 @@ class FrontEnd:
                 )
                 self._registered.set()
                 self._to_dispatcher(event)
+            elif isinstance(event, ev.RetryLater):
+                delay = self._backoff.delay(event.attempt)
+                self._log.info("request_unavailable", req=event.req, retry_in=round(delay, 3))
+                self._retry_later(event.req, delay)
             elif isinstance(event, ev.Disconnect):
                 self._log.warning("dropping_connection", reason=event.reason)
                 self._ending = event.error or ConnectionFailed(event.reason)
@@ -317,6 +321,10 @@ class FrontEnd:
 
     def _wake(self) -> None:
         """The client ended: wake whatever waits for buffer room or a connection."""
+        raise NotImplementedError
+
+    def _retry_later(self, req: int, delay: float) -> None:
+        """Call the machine's `retry(req)` in `delay` seconds, then send what it wrote."""
         raise NotImplementedError
 
     def _on_registered(self) -> None:

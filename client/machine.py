@@ -128,6 +128,8 @@ class _Pending:
     frame: ClientFrame
     sent: bool = False
     size: int = 0  # the frame's length prefix when it was last sent
+    unavailable: int = 0  # `unavailable` answers in a row: the attempt of the next retry
+    retry_due: bool = False  # answered `unavailable`, waiting for the front end's `retry`
 
 
 # Rough cost of a queued frame besides its payload, for the buffered-bytes figure.
@@ -280,7 +282,9 @@ class ClientMachine:
         self._out_bytes = 0
         resend: list[tuple[ClientFrame, int | None, int]] = []
         for req, p in list(self._pending.items()):
-            if not p.sent:
+            if p.retry_due:
+                p.retry_due = False  # it goes out after registration, like the others
+            elif not p.sent:
                 continue
             if p.kind is _Kind.PING:
                 del self._pending[req]
@@ -438,6 +442,16 @@ class ClientMachine:
             self._handled[topic] = seq
             self._ack_dirty.add(topic)
             self._state_dirty = True
+
+    def retry(self, req: int) -> None:
+        """Send again request `req`, answered `unavailable`, once the `RetryLater` delay has
+        passed. Nothing if it was answered since, or if the connection dropped meanwhile (the
+        request then goes out again after the next registration)."""
+        p = self._pending.get(req)
+        if p is None or not p.retry_due or self._phase is not Phase.READY:
+            return
+        p.retry_due = False
+        self._emit_frame(p.frame, req)
 
     def flush_acks(self) -> None:
         """Queue one cumulative ack per topic that has something new to settle."""
@@ -678,6 +692,15 @@ class ClientMachine:
         code, req = f.code, f.req
         if code == ErrorCode.FRAME_TOO_LARGE:
             self._on_frame_refused(f, events)
+            return
+        retrying = self._pending.get(req) if req is not None else None
+        if code == ErrorCode.UNAVAILABLE and retrying is not None and req is not None:
+            # The broker could not store it for now (its store is failing): the same request
+            # again after a backoff, as the protocol asks; the caller waits meanwhile.
+            retrying.sent = False
+            retrying.retry_due = True
+            events.append(ev.RetryLater(req, retrying.unavailable))
+            retrying.unavailable += 1
             return
         if self._phase is Phase.REGISTERING and req is not None and req == self._register_req:
             self._on_register_error(f, events)

@@ -304,6 +304,17 @@ class Client(FrontEnd):
     def _wake(self) -> None:
         self._cond.notify_all()
 
+    def _retry_later(self, req: int, delay: float) -> None:
+        timer = threading.Timer(delay, self._retry, args=(req,))
+        timer.daemon = True
+        timer.start()
+
+    def _retry(self, req: int) -> None:
+        with self._cond:
+            if not self._machine.closed:
+                self._machine.retry(req)
+            self._cond.notify_all()  # the writer sends it
+
     def _on_registered(self) -> None:
         self._next_ping = time.monotonic() + self._machine.keepalive
 

@@ -32,6 +32,7 @@ from tether.protocol import (
     Deliver,
     Dropped,
     Error,
+    ErrorCode,
     FrameDecoder,
     Ok,
     Ping,
@@ -976,3 +977,42 @@ def test_a_ping_whose_health_details_are_too_large_is_refused_at_the_call() -> N
     assert sent(machine) == [] and machine.pending_requests == frozenset()
     req = machine.ping("degraded")
     assert sent(machine) == [Ping(req=req, status="degraded")]
+
+
+def test_unavailable_keeps_the_request_and_retries_it_when_told() -> None:
+    """`unavailable` (the broker's store is failing) is retried after a backoff, not failed:
+    the machine asks for the retry, sends the same frame again on `retry`, and the caller
+    hears only the final answer."""
+    machine, _ = ready()
+    req = machine.publish("t", b"x", confirm=True)
+    assert req is not None
+    (first,) = sent(machine)
+    events = feed(machine, Error(req=req, code=ErrorCode.UNAVAILABLE, message="disk full"))
+    assert events == [ev.RetryLater(req, 0)]
+    assert req in machine.pending_requests and sent(machine) == []
+    machine.retry(req)
+    assert sent(machine) == [first]
+    assert feed(machine, Error(req=req, code=ErrorCode.UNAVAILABLE, message="still")) == [
+        ev.RetryLater(req, 1)  # the next attempt backs off further
+    ]
+    machine.retry(req)
+    machine.retry(req)  # a second call for the same wait sends nothing more
+    assert sent(machine) == [first]
+    assert feed(machine, Ok(req=req)) == [ev.RequestDone(req)]
+    machine.retry(req)  # answered: nothing to retry
+    assert sent(machine) == [] and req not in machine.pending_requests
+
+
+def test_a_request_waiting_for_its_retry_goes_out_after_a_reconnect() -> None:
+    machine, _ = ready()
+    req = machine.subscribe("t")
+    (frame,) = sent(machine)
+    feed(machine, Error(req=req, code=ErrorCode.UNAVAILABLE, message="disk full"))
+    machine.connection_lost()
+    machine.connection_made()
+    (reg,) = sent(machine)
+    assert isinstance(reg, Register)
+    feed(machine, registered(reg.req, resumed=True, token="T2"))
+    assert sent(machine) == [frame]  # not left waiting for a retry that belongs to the old link
+    machine.retry(req)  # the old timer fires later: nothing twice
+    assert sent(machine) == []

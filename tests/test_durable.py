@@ -495,3 +495,54 @@ def test_a_corrupt_store_is_refused_and_left_as_it_was(users_file: Path, tmp_pat
     with pytest.raises(StartupError, match=r"tether\.db is corrupt"):
         serve(config)
     assert (data / "tether.db").read_bytes() == garbage
+
+
+def test_the_client_library_retries_a_publish_answered_unavailable(
+    on_store: Callable[[Any], Broker],
+) -> None:
+    """The protocol asks clients to retry `unavailable` after their backoff: a confirmed
+    publish made while the store fails returns once the store is back, and arrives once."""
+    from tests.test_client_chaos import FAST
+    from tether.client import Client
+
+    class FailingStore(HeldStore):
+        def __init__(self) -> None:
+            super().__init__()
+            self.refused = threading.Event()
+
+        def submit(self, batch: Batch, on_done: OnDone) -> None:
+            if self.fail is not None:
+                self.refused.set()
+            super().submit(batch, on_done)
+
+    store = FailingStore()
+    store.release()
+    broker = on_store(store)
+    assert broker.address is not None
+    options: dict[str, Any] = {
+        "username": "alice", "password": "secret", "port": broker.address[1], **FAST
+    }  # fmt: skip
+    got: list[bytes] = []
+    with Client(client_id="sub", **options) as sub, Client(client_id="pub", **options) as pub:
+        sub.subscribe("t", lambda m: got.append(m.payload))
+        store.refused.clear()
+        store.fail = OSError(28, "No space left on device")
+        done = threading.Event()
+        errors: list[BaseException] = []
+
+        def publish() -> None:
+            try:
+                pub.publish("t", b"kept", confirm=True)
+            except BaseException as exc:
+                errors.append(exc)
+            done.set()
+
+        threading.Thread(target=publish, daemon=True).start()
+        assert store.refused.wait(10)  # answered `unavailable` at least once
+        assert not done.wait(0.3)  # and still waiting: retried, not failed
+        store.fail = None
+        assert done.wait(10) and errors == []
+        deadline = time.monotonic() + 10
+        while got != [b"kept"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert got == [b"kept"]
