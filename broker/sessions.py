@@ -19,12 +19,11 @@ queues and its record are deleted by the SubscriberManager, which owns what a de
 from __future__ import annotations
 
 import asyncio
-import hmac
 import secrets
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import structlog
 from pykka import ActorRef
@@ -42,6 +41,7 @@ from tether.broker.messages import (
     RegisterRejected,
     TakenOver,
 )
+from tether.broker.session_state import Cancellable, Session
 from tether.broker.store import (
     Batch,
     PutSession,
@@ -58,69 +58,6 @@ if TYPE_CHECKING:
     from tether.broker.subscribers import SubscriberManager
 
 _log = structlog.get_logger("tether.sessions")
-
-
-class Cancellable(Protocol):
-    def cancel(self) -> None: ...
-
-
-@dataclass(slots=True)
-class Session:
-    session_id: str
-    client_id: str
-    username: str
-    token_hash: bytes  # of the current resume token (`store.token_hash`): never the token
-    keepalive: int
-    metadata: dict[str, Any]
-    conn: ConnHandle | None
-    generation: int = 0
-    timer: Cancellable | None = None
-    health: str | None = None
-    health_details: dict[str, Any] | None = None
-    previous_hash: bytes | None = None
-    created: float = field(default_factory=time.time)
-    last_seen: float = field(default_factory=time.time)
-
-    def token_matches(self, token: str) -> bool:
-        presented = token_hash(token)
-        return any(
-            hmac.compare_digest(presented, valid)
-            for valid in (self.token_hash, self.previous_hash)
-            if valid is not None
-        )
-
-    def record(self, expires_at: float | None) -> SessionRecord:
-        return SessionRecord(
-            session_id=self.session_id,
-            client_id=self.client_id,
-            username=self.username,
-            keepalive=self.keepalive,
-            metadata=self.metadata,
-            token_hash=self.token_hash,
-            previous_hash=self.previous_hash,
-            created=self.created,
-            last_seen=self.last_seen,
-            expires_at=expires_at,
-            health=self.health,
-            health_details=self.health_details,
-        )
-
-    @classmethod
-    def restored(cls, record: SessionRecord) -> Session:
-        return cls(
-            session_id=record.session_id,
-            client_id=record.client_id,
-            username=record.username,
-            token_hash=record.token_hash,
-            keepalive=record.keepalive,
-            metadata=dict(record.metadata),
-            conn=None,
-            health=record.health,
-            health_details=None if record.health_details is None else dict(record.health_details),
-            previous_hash=record.previous_hash,
-            created=record.created,
-            last_seen=record.last_seen,
-        )
 
 
 @dataclass(frozen=True, slots=True)
