@@ -15,7 +15,7 @@ from typing import IO
 import pytest
 
 from tests.test_client_chaos import ChaosProxy, wait_until
-from tests.test_client_restart import cli_env, tether
+from tests.test_client_restart import cli_env, serve_broker, tether
 from tether.broker.server import Broker
 from tether.client import Client, SessionLost
 from tether.protocol import DEFAULT_MAX_FRAME
@@ -350,27 +350,6 @@ def test_sub_interrupted_while_the_broker_is_away_ends_within_bounds(
     assert "lingers on the broker until it expires" in told
 
 
-def serve_broker_in(
-    users: Path, port: int, brokers: list[subprocess.Popen[bytes]], *store: str
-) -> int:
-    """`tether serve` with store options (`--data-dir DIR` or `--in-memory`) in a process;
-    its port once it listens. Its log is drained by a thread."""
-    proc = subprocess.Popen(
-        tether("serve", "--port", str(port), "--users", str(users), "--log-format", "json")
-        + list(store),
-        stdout=subprocess.PIPE,
-        env=cli_env(),
-    )
-    brokers.append(proc)
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        event = json.loads(line)
-        if event.get("event") == "listening":
-            threading.Thread(target=proc.stdout.read, daemon=True).start()
-            return int(event["port"])
-    raise AssertionError(f"the broker did not start (status {proc.wait(10)})")
-
-
 @pytest.fixture
 def brokers() -> Iterator[list[subprocess.Popen[bytes]]]:
     started: list[subprocess.Popen[bytes]] = []
@@ -385,7 +364,7 @@ def test_sub_says_when_a_restarted_broker_gave_it_a_new_session(
     users_file: Path, watched: list[Watched], brokers: list[subprocess.Popen[bytes]]
 ) -> None:
     # An --in-memory broker forgets its sessions when it stops.
-    port = str(serve_broker_in(users_file, 0, brokers, "--in-memory"))
+    port = str(serve_broker(users_file, 0, brokers, "--in-memory"))
     listener = Watched(tether("sub", "news", "--username", "alice", "--port", port))
     watched.append(listener)
     wait_until(lambda: topics(port) == 1, 15, lambda: "the subscription")
@@ -393,7 +372,7 @@ def test_sub_says_when_a_restarted_broker_gave_it_a_new_session(
     brokers[0].wait(10)
     lost = listener.stderr_line(lambda line: "lost" in line)
     assert lost.startswith(f"tether: lost the connection to 127.0.0.1:{port}")
-    serve_broker_in(users_file, int(port), brokers, "--in-memory")
+    serve_broker(users_file, int(port), brokers, "--in-memory")
     back = listener.stderr_line(lambda line: "reconnected" in line)
     assert back == (
         f"tether: reconnected to 127.0.0.1:{port} with a new session (the old one was "
@@ -411,7 +390,7 @@ def test_sub_resumes_its_session_after_the_broker_was_killed(
     """Issue 10 as it was found: a `tether sub --state` killed, two messages published with
     --confirm, the broker killed and restarted on its data directory: both arrive."""
     data = str(tmp_path / "data")
-    port = str(serve_broker_in(users_file, 0, brokers, "--data-dir", data))
+    port = str(serve_broker(users_file, 0, brokers, "--data-dir", data))
     state = str(tmp_path / "sub.state")
     args = ("sub", "jobs", "--state", state, "--username", "alice", "--port", port)
     first = Watched(tether(*args, "--client-id", "worker"))
@@ -422,7 +401,7 @@ def test_sub_resumes_its_session_after_the_broker_was_killed(
     pub(port, "jobs", "--lines", "--confirm", stdin=b"one\ntwo\n")
     brokers[0].kill()
     brokers[0].wait(10)
-    serve_broker_in(users_file, int(port), brokers, "--data-dir", data)
+    serve_broker(users_file, int(port), brokers, "--data-dir", data)
     second = Watched(tether(*args, "--count", "2"))
     watched.append(second)
     assert [second.stdout_line(), second.stdout_line()] == ["one", "two"]
@@ -435,7 +414,7 @@ def test_sub_resumes_its_session_after_the_broker_was_killed(
     brokers[1].kill()
     brokers[1].wait(10)
     lost = third.stderr_line(lambda line: "lost" in line)
-    serve_broker_in(users_file, int(port), brokers, "--data-dir", data)
+    serve_broker(users_file, int(port), brokers, "--data-dir", data)
     back = third.stderr_line(lambda line: "reconnected" in line)
     assert back == (
         f"tether: reconnected to 127.0.0.1:{port}: session resumed, 0 queued messages to come"

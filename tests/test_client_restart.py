@@ -125,7 +125,7 @@ def serve_broker(
         if event.get("event") == "listening":
             threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep it drained
             return int(event["port"])
-    raise AssertionError("the broker did not start")
+    raise AssertionError(f"the broker did not start (status {proc.wait(10)})")
 
 
 def test_a_subscriber_survives_an_in_memory_broker_being_restarted(
