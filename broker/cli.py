@@ -1,5 +1,6 @@
-"""The broker's commands of the `tether` command: `serve` runs the broker, `user add|list` manage
-the users file. tether/cli.py puts them beside the client tools (README, "Command line")."""
+"""The broker's commands of the `tether` command: `serve` runs the broker, `user add|remove|list`
+manage the users file (a running broker reloads it when it changes). tether/cli.py puts them
+beside the client tools (README, "Command line")."""
 
 from __future__ import annotations
 
@@ -11,7 +12,14 @@ from pathlib import Path
 from tether.broker.config import BrokerConfig
 from tether.broker.logs import FORMATS, LEVELS, configure_logging, get_logger
 from tether.broker.passwords import DEFAULT_COST, MAX_COST, MIN_COST
-from tether.broker.users import UserExistsError, UserFileError, UserStore, add_user
+from tether.broker.users import (
+    UserExistsError,
+    UserFileError,
+    UserNotFoundError,
+    UserStore,
+    add_user,
+    remove_user,
+)
 from tether.cli_common import PROG, CliError, port, positive
 
 __all__ = ["add_commands", "read_password"]
@@ -96,7 +104,20 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help=f"bcrypt cost, {MIN_COST}..{MAX_COST} (default: %(default)s)",
     )
     add.add_argument("--replace", action="store_true", help="change an existing user's password")
+    add.add_argument(
+        "--end-sessions",
+        action="store_true",
+        help="with --replace: also end the user's sessions now (a password rotated after a "
+        "leak); their clients get session_ended",
+    )
     add.set_defaults(func=_cmd_user_add)
+
+    remove = user_commands.add_parser(
+        "remove", help="remove a user; a running broker ends their sessions (session_ended)"
+    )
+    remove.add_argument("name")
+    _users_argument(remove)
+    remove.set_defaults(func=_cmd_user_remove)
 
     list_ = user_commands.add_parser("list", help="list user names and creation times")
     _users_argument(list_)
@@ -209,12 +230,29 @@ def read_password(name: str) -> str:
 
 
 def _cmd_user_add(args: argparse.Namespace) -> int:
+    if args.end_sessions and not args.replace:
+        raise CliError("--end-sessions goes with --replace (it ends an existing user's sessions)")
+    users: Path = args.users
+    if not users.parent.is_dir():
+        # Said before the password is asked for. Not created: a typo in --users would make a
+        # file no broker reads.
+        raise CliError(
+            f"directory {users.parent} does not exist: create it first "
+            f"(mkdir -p {users.parent}) or check --users"
+        )
     password = read_password(args.name)
     if not password:
         raise CliError("empty password refused")
     try:
         existed = args.name in UserStore.load(args.users)
-        add_user(args.users, args.name, password, cost=args.cost, replace=args.replace)
+        add_user(
+            args.users,
+            args.name,
+            password,
+            cost=args.cost,
+            replace=args.replace,
+            end_sessions=args.end_sessions,
+        )
     except UserExistsError as exc:
         raise CliError(f"{exc} (use --replace to change the password)") from None
     except (UserFileError, ValueError) as exc:
@@ -222,7 +260,23 @@ def _cmd_user_add(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise CliError(f"cannot write {args.users}: {exc.strerror or exc}") from None
     verb = "changed the password of" if existed else "added"
-    print(f"{PROG}: {verb} user {args.name!r} in {args.users}", file=sys.stderr)
+    ended = " and ended their sessions" if args.end_sessions else ""
+    print(f"{PROG}: {verb} user {args.name!r}{ended} in {args.users}", file=sys.stderr)
+    return 0
+
+
+def _cmd_user_remove(args: argparse.Namespace) -> int:
+    try:
+        remove_user(args.users, args.name)
+    except (UserFileError, UserNotFoundError) as exc:
+        raise CliError(str(exc)) from None
+    except OSError as exc:
+        raise CliError(f"cannot write {args.users}: {exc.strerror or exc}") from None
+    print(
+        f"{PROG}: removed user {args.name!r} from {args.users} (a running broker ends their "
+        "sessions)",
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -201,15 +201,15 @@ class Listener(LoopActor):
                     self._link.pause_reading()
                 elif not self._done_reading and self.state is State.ACTIVE:
                     self._link.resume_reading()
-            case TakenOver(session_id):
+            case TakenOver(session_id, code, text):
                 if session_id == self._session_id and self.state is State.ACTIVE:
-                    self._log.info("taken_over", session_id=session_id)
-                    # The session now lives on another connection: nothing of ours reports on it.
-                    self._session_id = None
-                    self._fail(
-                        ErrorCode.TAKEN_OVER,
-                        "another connection took this session over: not reconnecting",
+                    self._log.info(
+                        "taken_over" if code is ErrorCode.TAKEN_OVER else "session_ended",
+                        session_id=session_id,
                     )
+                    # The session now lives elsewhere, or nowhere: nothing of ours reports on it.
+                    self._session_id = None
+                    self._fail(code, text)
             case _:
                 return super().on_receive(message)
         return None

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from pykka import ActorRef
 
+from tether.broker.users import UserStore
 from tether.protocol import ClientFrame, Error, ErrorCode, Register
 
 
@@ -43,10 +45,13 @@ class RegisterRejected:
     message: str
 
 
-# SessionManager -> Listener of a session's previous connection
+# SessionManager -> Listener of a session's previous connection (a takeover or resume), or of
+# a session the broker ended (`code` SESSION_ENDED: its user was removed or revoked).
 @dataclass(frozen=True, slots=True)
 class TakenOver:
     session_id: str
+    code: ErrorCode = ErrorCode.TAKEN_OVER
+    message: str = "another connection took this session over: not reconnecting"
 
 
 # SessionManager -> SubscriberManager: bind the session to `conn`, answer `registered`, drain.
@@ -140,6 +145,20 @@ class DropSession:
 class EndSession:
     session_id: str
     conn_id: int
+
+
+# The users file watcher (off the loop) -> BrokerSupervisor: the file changed and reads well.
+@dataclass(frozen=True, slots=True)
+class UsersReloaded:
+    users: UserStore
+
+
+# BrokerSupervisor (after a reload) or Broker.start -> SessionManager: the users now valid,
+# each with the time before which their sessions are void (None: all valid). Sessions of a
+# user not in it, or created before that time, are ended (`session_ended`).
+@dataclass(frozen=True, slots=True)
+class UsersChanged:
+    valid_after: Mapping[str, float | None]
 
 
 # Listener -> ListenerManager

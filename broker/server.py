@@ -18,7 +18,8 @@ from pykka import ActorRef
 
 from tether.broker.config import BrokerConfig
 from tether.broker.listener_manager import ListenerManager, StartListening, StopListening
-from tether.broker.messages import GetStats
+from tether.broker.loop_actor import tell
+from tether.broker.messages import GetStats, UsersChanged, UsersReloaded
 from tether.broker.ratelimit import FailureLimiter
 from tether.broker.sessions import SessionManager
 from tether.broker.store import (
@@ -31,6 +32,7 @@ from tether.broker.store_sqlite import SqliteStore
 from tether.broker.subscribers import SubscriberManager
 from tether.broker.supervisor import BrokerSupervisor
 from tether.broker.users import UserStore
+from tether.broker.userwatch import UserWatcher
 
 _log = structlog.get_logger("tether.server")
 
@@ -53,13 +55,20 @@ class Broker:
         self._thread: threading.Thread | None = None
         self._refs: dict[str, ActorRef[Any]] = {}
         self._store: Store | None = None
+        self._watcher: UserWatcher | None = None
         self.address: tuple[str, int] | None = None
         # What the store held when the broker stopped: (sessions, queued messages).
         self.saved: tuple[int, int] | None = None
 
     def start(self) -> tuple[str, int]:
         config = self.config
-        users = self._users if self._users is not None else UserStore.load(config.users_path)
+        watcher: UserWatcher | None = None
+        if self._users is not None:
+            users = self._users  # given (tests): nothing to watch
+        else:
+            # The watcher takes the file's identity before the load, so no change is missed.
+            watcher = UserWatcher(config.users_path, self._users_loaded)
+            users = UserStore.load(config.users_path)
         snapshot: Snapshot = Snapshot((), ())
         store: Store | None = self._given_store
         if store is None and config.data_dir is not None:
@@ -120,12 +129,29 @@ class Broker:
             "sessions": sessions,
             "subscribers": subscribers,
         }
+        if watcher is not None:
+            # Sessions restored from the store of users removed or revoked while the broker
+            # was down end now, before anyone can resume them.
+            tell(sessions, UsersChanged(users.valid_after()))
+            self._watcher = watcher
+            watcher.start()
         future = cast(
             "concurrent.futures.Future[tuple[str, int]]",
             listeners.ask(StartListening(config.host, config.port)),
         )
         self.address = future.result(timeout=10)
         return self.address
+
+    def _users_loaded(self, users: UserStore) -> None:
+        # On the watcher's thread: hand the new users to the supervisor, on the loop.
+        supervisor = self._refs.get("supervisor")
+        if supervisor is not None:
+            tell(supervisor, UsersReloaded(users))
+
+    def reload_users(self) -> None:
+        """Read the users file again now (SIGHUP); a no-op for a broker given its users."""
+        if self._watcher is not None:
+            self._watcher.reload()
 
     def stats(self) -> dict[str, int]:
         """Every actor's counters, merged. Each counter has one owner (docs/architecture.md
@@ -145,6 +171,9 @@ class Broker:
         return merged
 
     def stop(self) -> None:
+        if self._watcher is not None:
+            self._watcher.stop()
+            self._watcher = None
         if self._loop is None:
             return
         listeners = self._refs.get("listeners")
@@ -251,6 +280,12 @@ def serve(config: BrokerConfig) -> int:
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
     broker = Broker(config)
+
+    def reload_users(_signum: int, _frame: object) -> None:
+        _log.info("reloading_users", signal="SIGHUP")
+        broker.reload_users()
+
+    signal.signal(signal.SIGHUP, reload_users)
     try:
         host, port = broker.start()
     except StoreError as exc:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -40,6 +40,7 @@ from tether.broker.messages import (
     OpenSession,
     RegisterRejected,
     TakenOver,
+    UsersChanged,
 )
 from tether.broker.session_state import Cancellable, Session
 from tether.broker.store import (
@@ -191,6 +192,8 @@ class SessionManager(LoopActor):
                     self._remove(session, "expired")
             case _Bound():
                 self._on_bound(message)
+            case UsersChanged(valid_after):
+                self._on_users_changed(valid_after)
             case _:
                 return super().on_receive(message)
         return None
@@ -245,6 +248,32 @@ class SessionManager(LoopActor):
         # `registered` is lost with the connection, the client can still come back.
         session.previous_hash = token_hash(frame.resume_token)
         self._bind(session, conn, resumed=True, req=frame.req, previous_conn=previous_conn)
+
+    def _on_users_changed(self, valid_after: Mapping[str, float | None]) -> None:
+        """End the sessions of users removed from the users file, and those created before
+        their user's `sessions_valid_after`: their connections get `session_ended`, their
+        queues are discarded, and a resume of them is refused (`unknown_session`). A fresh
+        session is never refused here: the supervisor checked the user against the users
+        file it told this actor of last (and refuses a check that the reload overtook)."""
+        for session in list(self._sessions.values()):
+            if session.username not in valid_after:
+                reason = "user_removed"
+            else:
+                after = valid_after[session.username]
+                if after is None or session.created >= after:
+                    continue
+                reason = "sessions_revoked"
+            if session.conn is not None:
+                tell(
+                    session.conn.ref,
+                    TakenOver(
+                        session.session_id,
+                        ErrorCode.SESSION_ENDED,
+                        "the broker ended this session: its user was removed or its sessions "
+                        "were revoked",
+                    ),
+                )
+            self._remove(session, reason)
 
     def _create(self, frame: Register, conn: ConnHandle) -> None:
         existing_id = self._by_client.get(frame.client_id)

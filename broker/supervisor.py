@@ -1,5 +1,7 @@
 """BrokerSupervisor: authenticates registrations (bcrypt in a small pool, off the loop) and
 rate-limits failed logins per address; a resume goes straight on to the SessionManager.
+It holds the users file as last loaded; a reload (`UsersReloaded`, from `userwatch.py`) replaces
+it, and the SessionManager is told which users' sessions stay valid (`UsersChanged`).
 See docs/architecture.md sections 3 ("bcrypt off the loop") and 11.
 """
 
@@ -22,6 +24,8 @@ from tether.broker.messages import (
     OpenSession,
     RegisterRejected,
     RegisterRequest,
+    UsersChanged,
+    UsersReloaded,
 )
 from tether.broker.ratelimit import FailureLimiter
 from tether.broker.users import UserStore
@@ -37,6 +41,7 @@ _log = structlog.get_logger("tether.supervisor")
 class _AuthDone:
     request: RegisterRequest
     ok: bool
+    checked: str | None  # the hash the password was checked against (None: unknown user)
     # Why a check failed, for the log only (the answer on the wire is the same for all):
     # "unknown_user", "wrong_password", or "check_failed: <exception>".
     reason: str | None = None
@@ -44,6 +49,12 @@ class _AuthDone:
 
 # Checks under way at once for an address past the failure limit; more are refused outright.
 BLOCKED_IN_FLIGHT = 2
+
+
+def _usual_cost(users: UserStore) -> int:
+    # An unknown name is checked against a dummy of the cost most real users have.
+    costs = [passwords.cost_of(users.lookup(name) or "") for name in users.names()]
+    return max(set(costs), key=costs.count) if costs else 12
 
 
 def _peer_address(peer: str) -> str:
@@ -67,9 +78,7 @@ class BrokerSupervisor(LoopActor):
     ) -> None:
         super().__init__(loop, loop_thread)
         self._users = users
-        # An unknown name is checked against a dummy of the cost the real users have.
-        costs = [passwords.cost_of(users.lookup(name) or "") for name in users.names()]
-        self._unknown_user_cost = max(set(costs), key=costs.count) if costs else 12
+        self._unknown_user_cost = _usual_cost(users)
         self._sessions = session_manager
         self._limiter = limiter
         self._pool = ThreadPoolExecutor(max_workers=auth_workers, thread_name_prefix="tether-auth")
@@ -96,8 +105,12 @@ class BrokerSupervisor(LoopActor):
                     return None
                 self._in_flight[address] = self._in_flight.get(address, 0) + 1
                 self._verify(message)
-            case _AuthDone(request=request, ok=ok, reason=reason):
+            case _AuthDone(request=request, ok=ok, checked=checked, reason=reason):
                 frame, conn = request.frame, request.conn
+                if ok and self._users.lookup(frame.username) != checked:
+                    # The users file was reloaded during the check: the user is gone, or the
+                    # password it matched is no longer theirs.
+                    ok, reason = False, "users_file_changed"
                 address = _peer_address(conn.peer)
                 left = self._in_flight.pop(address, 1) - 1
                 if left:
@@ -130,6 +143,8 @@ class BrokerSupervisor(LoopActor):
                             frame.req, ErrorCode.AUTH_FAILED, "wrong username or password"
                         ),
                     )
+            case UsersReloaded(users=users):
+                self._reloaded(users)
             case GetStats():
                 # `bcrypt_hashes` is the SubscriberManager's to report, with the stats frame.
                 return {
@@ -140,6 +155,38 @@ class BrokerSupervisor(LoopActor):
             case _:
                 return super().on_receive(message)
         return None
+
+    def _reloaded(self, users: UserStore) -> None:
+        old = self._users
+        self._users = users
+        self._unknown_user_cost = _usual_cost(users)
+        added = [name for name in users.names() if name not in old]
+        removed = [name for name in old.names() if name not in users]
+        changed = [
+            name for name in users.names() if name in old and old.get(name) != users.get(name)
+        ]
+        _log.info(
+            "users_reloaded",
+            users=len(users),
+            added=added or None,
+            removed=removed or None,
+            changed=changed or None,
+        )
+        valid_after = users.valid_after()
+        now = time.time()
+        for name in changed:
+            before, after = old.get(name), users.get(name)
+            if (
+                after is not None
+                and after.sessions_valid_after is not None
+                and (before is None or before.sessions_valid_after != after.sessions_valid_after)
+            ):
+                # Newly revoked: every session this broker holds for the user was opened with
+                # a password it knew until now (also in the second before this reload), so
+                # all of them end, whatever the time written in the file.
+                valid_after[name] = max(valid_after[name] or 0.0, now)
+        if removed or changed:
+            tell(self._sessions, UsersChanged(valid_after))
 
     def _refuse(self, req: int, conn: ConnHandle) -> None:
         self.rate_limited += 1
@@ -168,11 +215,11 @@ class BrokerSupervisor(LoopActor):
         def done(future: Future[bool]) -> None:
             exc = future.exception()
             if exc is not None:
-                tell(ref, _AuthDone(request, ok=False, reason=f"check_failed: {exc!r}"))
+                tell(ref, _AuthDone(request, False, stored, reason=f"check_failed: {exc!r}"))
             elif future.result():
-                tell(ref, _AuthDone(request, ok=True))
+                tell(ref, _AuthDone(request, True, stored))
             else:
                 why = "unknown_user" if stored is None else "wrong_password"
-                tell(ref, _AuthDone(request, ok=False, reason=why))
+                tell(ref, _AuthDone(request, False, stored, reason=why))
 
         self._pool.submit(check).add_done_callback(done)

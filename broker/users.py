@@ -2,11 +2,19 @@
 
 Format (JSON)::
 
-    {"version": 1, "users": {"NAME": {"hash": "bcrypt-sha256$...", "created": "ISO-8601 UTC"}}}
+    {"version": 2, "users": {"NAME": {"hash": "bcrypt-sha256$...", "created": "ISO-8601 UTC",
+                                      "sessions_valid_after": "ISO-8601 UTC"}}}
 
-The broker loads a `UserStore` once at start and never changes it; `add_user` is for the
-command line and rewrites the whole file atomically, so a broker starting at the same moment
-reads either the old file or the new one, never half of one.
+`sessions_valid_after` (version 2, optional) is written by `tether user add NAME --replace
+--end-sessions`: the user's sessions created before that moment are void, and a broker ends
+them. A file is written at the lowest version that holds it (1 while no user has the field), so
+a file a version-1 broker can read stays readable by it; a broker refuses a file whose version
+is newer than `FILE_VERSION` instead of ignoring fields it does not know.
+
+A `UserStore` is immutable: the broker loads one at start and a new one at every reload
+(`userwatch.py`); `add_user` and `remove_user` are for the command line and rewrite the whole
+file atomically, so a broker reading it at the same moment sees the old file or the new one,
+never half of one.
 """
 
 from __future__ import annotations
@@ -30,13 +38,17 @@ __all__ = [
     "UserExistsError",
     "UserFileError",
     "UserNameError",
+    "UserNotFoundError",
     "UserRecord",
     "UserStore",
     "add_user",
+    "remove_user",
     "validate_name",
 ]
 
-FILE_VERSION = 1
+# The newest users file format this code reads and writes (1: hash and created; 2: adds
+# sessions_valid_after).
+FILE_VERSION = 2
 MAX_NAME_LENGTH = 128
 FILE_MODE = 0o600  # the file holds password hashes
 
@@ -49,6 +61,10 @@ class UserExistsError(Exception):
     """`add_user` was asked to add a name that is already there, without replace=True."""
 
 
+class UserNotFoundError(Exception):
+    """`remove_user` was asked to remove a name that is not in the file."""
+
+
 class UserNameError(ValueError):
     """A user name is empty, too long, or holds control characters."""
 
@@ -57,6 +73,14 @@ class UserNameError(ValueError):
 class UserRecord:
     hash: str
     created: str  # ISO-8601, UTC
+    # Sessions of this user created before this moment are void (ISO-8601 UTC; version 2).
+    sessions_valid_after: str | None = None
+
+    def valid_after(self) -> float | None:
+        """`sessions_valid_after` as seconds since the epoch (as `Session.created` is)."""
+        if self.sessions_valid_after is None:
+            return None
+        return _parse_time(self.sessions_valid_after).timestamp()
 
 
 def validate_name(name: str) -> None:
@@ -98,6 +122,10 @@ class UserStore:
     def get(self, name: str) -> UserRecord | None:
         return self._users.get(name)
 
+    def valid_after(self) -> dict[str, float | None]:
+        """Every user -> the time before which their sessions are void (None: all valid)."""
+        return {name: record.valid_after() for name, record in self._users.items()}
+
     def names(self) -> list[str]:
         return sorted(self._users)
 
@@ -129,8 +157,16 @@ def _parse(raw: bytes, path: Path) -> dict[str, UserRecord]:
         raise bad(f"invalid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from exc
     if not isinstance(doc, dict):
         raise bad("expected a JSON object at the top level")
-    if doc.get("version") != FILE_VERSION:
-        raise bad(f'expected "version": {FILE_VERSION}, got {doc.get("version")!r}')
+    version = doc.get("version")
+    if type(version) is int and version > FILE_VERSION:
+        # Refused, not read as far as understood: a newer field may restrict someone.
+        raise UserFileError(
+            f"users file {path} has format version {version}, newer than this broker reads "
+            f"(up to {FILE_VERSION}): upgrade Tether, or write the file with this version's "
+            "`tether user add`"
+        )
+    if type(version) is not int or version < 1:
+        raise bad(f'expected "version": 1 to {FILE_VERSION}, got {version!r}')
     users = doc.get("users")
     if not isinstance(users, dict):
         raise bad('expected "users" to be an object')
@@ -147,18 +183,59 @@ def _parse(raw: bytes, path: Path) -> dict[str, UserRecord]:
             raise bad(f'user {name!r}: "hash" must be a non-empty string')
         if not isinstance(created, str):
             raise bad(f'user {name!r}: "created" must be a string')
+        valid_after = entry.get("sessions_valid_after")
+        if valid_after is not None:
+            if version < 2:
+                raise bad(f'user {name!r}: "sessions_valid_after" needs "version": 2')
+            if not isinstance(valid_after, str) or not _is_time(valid_after):
+                raise bad(f'user {name!r}: "sessions_valid_after" must be an ISO-8601 time')
         if not is_valid_hash(hash_):
             # Caught here, not at every login: such a user could never log in.
             raise bad(
                 f'user {name!r}: "hash" is not a bcrypt-sha256 hash as `tether user add` '
                 "writes (set the password again with: tether user add NAME --replace)"
             )
-        records[name] = UserRecord(hash=hash_, created=created)
+        records[name] = UserRecord(hash=hash_, created=created, sessions_valid_after=valid_after)
     return records
 
 
-def _now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+def _parse_time(text: str) -> datetime:
+    parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+
+
+def _is_time(text: str) -> bool:
+    try:
+        _parse_time(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _now_iso(timespec: str = "seconds") -> str:
+    return datetime.now(UTC).isoformat(timespec=timespec).replace("+00:00", "Z")
+
+
+def _write(path: Path, users: Mapping[str, UserRecord]) -> None:
+    """Write the whole file, at the lowest version that holds what it says."""
+    entries: dict[str, dict[str, str]] = {}
+    for name, record in sorted(users.items()):
+        entry = {"hash": record.hash, "created": record.created}
+        if record.sessions_valid_after is not None:
+            entry["sessions_valid_after"] = record.sessions_valid_after
+        entries[name] = entry
+    version = 2 if any(r.sessions_valid_after is not None for r in users.values()) else 1
+    doc: dict[str, Any] = {"version": version, "users": entries}
+    write_atomic(path, (json.dumps(doc, indent=2, ensure_ascii=False) + "\n").encode(), FILE_MODE)
+
+
+def _check_directory(path: Path) -> None:
+    # Never created silently: a typo in --users would otherwise make a file nobody reads.
+    if not path.parent.is_dir():
+        raise UserFileError(
+            f"directory {path.parent} does not exist: create it first "
+            f"(mkdir -p {path.parent}) or check --users"
+        )
 
 
 def add_user(
@@ -168,12 +245,15 @@ def add_user(
     *,
     cost: int = DEFAULT_COST,
     replace: bool = False,
+    end_sessions: bool = False,
 ) -> None:
-    """Add `name` to the users file (creating it), or change their password with replace=True."""
+    """Add `name` to the users file (creating the file, never its directory), or change their
+    password with replace=True; end_sessions=True also voids the sessions they have now."""
     path = Path(path)
     validate_name(name)
     if not password:
         raise ValueError("password must not be empty")
+    _check_directory(path)
     # Load first: a malformed file is an error, never silently overwritten.
     store = UserStore.load(path)
     existing = store.get(name)
@@ -182,11 +262,22 @@ def add_user(
     hashed = hash_password(password, cost=cost)
     # A password change keeps the date the user was created.
     created = existing.created if existing is not None else _now_iso()
+    if end_sessions:
+        # Microseconds: a session opened with the new password a moment later stays valid.
+        valid_after: str | None = _now_iso("microseconds")
+    else:
+        valid_after = existing.sessions_valid_after if existing is not None else None
     users = dict(store.records())
-    users[name] = UserRecord(hash=hashed, created=created)
-    doc: dict[str, Any] = {
-        "version": FILE_VERSION,
-        "users": {n: {"hash": r.hash, "created": r.created} for n, r in sorted(users.items())},
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, (json.dumps(doc, indent=2, ensure_ascii=False) + "\n").encode(), FILE_MODE)
+    users[name] = UserRecord(hash=hashed, created=created, sessions_valid_after=valid_after)
+    _write(path, users)
+
+
+def remove_user(path: str | os.PathLike[str], name: str) -> None:
+    """Remove `name` from the users file; a running broker ends their sessions on reload."""
+    path = Path(path)
+    store = UserStore.load(path)
+    if name not in store:
+        raise UserNotFoundError(f"no user {name!r} in {path}")
+    users = dict(store.records())
+    del users[name]
+    _write(path, users)

@@ -11,6 +11,7 @@ __all__ = [
     "ConnectionFailed",
     "PayloadTooLarge",
     "Rejected",
+    "SessionEnded",
     "SessionLost",
     "StateFileError",
     "StateFileLocked",
@@ -95,6 +96,21 @@ class TakenOver(TetherError):
         super().__init__(
             f"another client took over the session of client_id {client_id!r}, so this one "
             "stopped: make sure only one process uses this client_id (and state file)"
+        )
+
+
+class SessionEnded(TakenOver):
+    """The broker ended this session (`session_ended`): its user was removed from the users
+    file, or its sessions were revoked (`tether user add --replace --end-sessions`). Like a
+    takeover, the client stops for good and does not reconnect (same event and callback)."""
+
+    def __init__(self, client_id: str, message: str = "") -> None:
+        TetherError.__init__(
+            self,
+            f"the broker ended the session of client_id {client_id!r}, so this client stopped"
+            + (f" ({message})" if message else "")
+            + ": its user was removed or its password changed with --end-sessions; "
+            "log in again with valid credentials",
         )
 
 

@@ -9,8 +9,8 @@ Theory of operation:
   broker rotates it at every resume, and the one presented stays valid until the new one is
   used, so a connection lost before `registered` arrives just resumes with the old one again).
   `unknown_session` makes a fresh register on the same connection and, once registered, a
-  `SessionLost` event. `auth_failed`, `conflict`, `taken_over` and an `ok` to `unregister` end
-  the machine (`Closed`): it must not be reconnected.
+  `SessionLost` event. `auth_failed`, `conflict`, `taken_over`, `session_ended` and an `ok` to
+  `unregister` end the machine (`Closed`): it must not be reconnected.
 - Requests made while the connection is not registered wait in a queue, in order, and go out
   right after `registered`. Requests sent but unanswered when a connection is lost are sent
   again first (subscribe/unsubscribe are idempotent; a confirmed publish becomes at-least-once;
@@ -83,6 +83,7 @@ from .errors import (
     ConnectionFailed,
     PayloadTooLarge,
     Rejected,
+    SessionEnded,
     TakenOver,
     TetherError,
 )
@@ -714,8 +715,13 @@ class ClientMachine:
             else:
                 events.append(ev.RequestFailed(req, Rejected(code, f.message)))
             return
-        if code == ErrorCode.TAKEN_OVER:
-            error = TakenOver(self.config.client_id)
+        if code in (ErrorCode.TAKEN_OVER, ErrorCode.SESSION_ENDED):
+            # Both mean the session is not ours any more: stop, never reconnect.
+            error = (
+                TakenOver(self.config.client_id)
+                if code == ErrorCode.TAKEN_OVER
+                else SessionEnded(self.config.client_id, f.message)
+            )
             events.append(ev.TakenOver(error))
             self._finish(error, events)
             return

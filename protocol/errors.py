@@ -32,12 +32,20 @@ class ErrorCode(enum.StrEnum):
     INTERNAL = "internal"
     # The broker could not store what the request needs (a failed commit): not done, retry.
     UNAVAILABLE = "unavailable"
+    # The broker ended the session (its user was removed, or its sessions were revoked): fatal.
+    SESSION_ENDED = "session_ended"
 
 
 # After one of these the broker closes the connection: the byte stream can no longer be
-# trusted (framing errors) or the session has moved on (takeover, keepalive timeout).
+# trusted (framing errors) or the session has moved on (takeover, keepalive timeout, ended).
 FATAL_CODES: frozenset[ErrorCode] = frozenset(
-    {ErrorCode.BAD_FRAME, ErrorCode.FRAME_TOO_LARGE, ErrorCode.TAKEN_OVER, ErrorCode.TIMEOUT}
+    {
+        ErrorCode.BAD_FRAME,
+        ErrorCode.FRAME_TOO_LARGE,
+        ErrorCode.TAKEN_OVER,
+        ErrorCode.TIMEOUT,
+        ErrorCode.SESSION_ENDED,
+    }
 )
 
 

@@ -313,3 +313,56 @@ def test_serve_with_a_hash_that_is_not_bcrypt_is_one_line_and_status_2(tmp_path:
     )
     result = _serve("--port", "0", tmp_path=tmp_path)
     _one_line_refusal(result, "'eve'", "bcrypt")
+
+
+def test_serve_with_a_newer_users_file_version_is_one_line_and_status_2(tmp_path: Path) -> None:
+    (tmp_path / "users.json").write_text('{"version": 99, "users": {}}')
+    result = _serve("--port", "0", tmp_path=tmp_path)
+    _one_line_refusal(result, "version 99", "newer")
+
+
+def test_user_add_into_a_missing_directory_is_refused_in_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "nope" / "users.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "tether", "user", "add", "admin", "--users", str(path)],
+        input="pw\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1, result
+    [line] = result.stderr.splitlines()
+    assert "does not exist" in line and "mkdir -p" in line and str(path.parent) in line
+    assert not path.parent.exists()
+
+
+def test_user_remove(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = tmp_path / "users.json"
+    _add(monkeypatch, path, "alice", "pw\n")
+    _add(monkeypatch, path, "bob", "pw\n")
+    capsys.readouterr()
+    assert main(["user", "remove", "alice", "--users", str(path)]) == 0
+    assert "removed user 'alice'" in capsys.readouterr().err
+    assert UserStore.load(path).names() == ["bob"]
+    assert main(["user", "remove", "alice", "--users", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "no user 'alice'" in err and err.count("\n") == 1
+
+
+def test_user_add_end_sessions_needs_replace_and_marks_the_user(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = tmp_path / "users.json"
+    _add(monkeypatch, path, "alice", "pw\n")
+    capsys.readouterr()
+    assert _add(monkeypatch, path, "alice", "new\n", "--end-sessions") == 1
+    assert "--replace" in capsys.readouterr().err
+    assert _add(monkeypatch, path, "alice", "new\n", "--replace", "--end-sessions") == 0
+    assert "ended their sessions" in capsys.readouterr().err
+    record = UserStore.load(path).get("alice")
+    assert record is not None and record.sessions_valid_after is not None
+    assert verify_password("new", record.hash)
+    assert json.loads(path.read_text())["version"] == 2

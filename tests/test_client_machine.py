@@ -23,6 +23,7 @@ from tether.client.errors import (
     ConnectionFailed,
     PayloadTooLarge,
     Rejected,
+    SessionEnded,
     TakenOver,
 )
 from tether.protocol import (
@@ -168,6 +169,21 @@ def test_taken_over_ends_the_machine_for_good() -> None:
         machine.connection_made()
     with pytest.raises(ClientClosed):
         machine.publish("t", b"x")
+
+
+def test_session_ended_ends_the_machine_for_good_like_a_takeover() -> None:
+    machine, _ = ready()
+    req = machine.subscribe("t")
+    sent(machine)
+    events = feed(machine, Error(code="session_ended", message="user removed"))
+    [taken] = [e for e in events if isinstance(e, ev.TakenOver)]
+    assert isinstance(taken.error, SessionEnded)
+    failed = [e for e in events if isinstance(e, ev.RequestFailed)]
+    assert [f.req for f in failed] == [req] and isinstance(failed[0].error, SessionEnded)
+    assert isinstance(events[-1], ev.Closed) and isinstance(events[-1].error, SessionEnded)
+    assert machine.closed and machine.connection_lost() == []
+    with pytest.raises(ClientClosed):
+        machine.connection_made()  # never reconnects
 
 
 def test_auth_failed_and_conflict_end_the_machine() -> None:

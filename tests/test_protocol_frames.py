@@ -199,13 +199,14 @@ def test_error_codes() -> None:
     assert {c.value for c in ErrorCode} == {
         "bad_frame", "frame_too_large", "bad_request", "not_registered", "auth_failed",
         "unknown_session", "conflict", "taken_over", "rate_limited", "timeout", "internal",
-        "unavailable",
+        "unavailable", "session_ended",
     }  # fmt: skip
     fatal = {
         ErrorCode.BAD_FRAME,
         ErrorCode.FRAME_TOO_LARGE,
         ErrorCode.TAKEN_OVER,
         ErrorCode.TIMEOUT,
+        ErrorCode.SESSION_ENDED,
     }
     assert fatal == FATAL_CODES
 

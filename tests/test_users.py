@@ -11,11 +11,14 @@ import pytest
 
 from tether.broker.passwords import verify_password
 from tether.broker.users import (
+    FILE_VERSION,
     UserExistsError,
     UserFileError,
     UserNameError,
+    UserNotFoundError,
     UserStore,
     add_user,
+    remove_user,
 )
 
 COST = 4
@@ -86,10 +89,57 @@ def test_replace_adds_a_missing_user(tmp_path: Path) -> None:
     assert "carol" in UserStore.load(path)
 
 
-def test_creates_missing_parent_directory(tmp_path: Path) -> None:
+def test_missing_parent_directory_is_refused_not_created(tmp_path: Path) -> None:
     path = tmp_path / "var" / "users.json"
+    with pytest.raises(UserFileError, match="does not exist: create it first"):
+        add_user(path, "alice", "pw", cost=COST)
+    assert not (tmp_path / "var").exists()
+
+
+def test_remove_user(tmp_path: Path) -> None:
+    path = tmp_path / "users.json"
     add_user(path, "alice", "pw", cost=COST)
-    assert UserStore.load(path).names() == ["alice"]
+    add_user(path, "bob", "pw", cost=COST)
+    remove_user(path, "alice")
+    assert UserStore.load(path).names() == ["bob"]
+    with pytest.raises(UserNotFoundError, match="'alice'"):
+        remove_user(path, "alice")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_end_sessions_writes_version_2_and_keeps_created(tmp_path: Path) -> None:
+    path = tmp_path / "users.json"
+    add_user(path, "alice", "pw", cost=COST)
+    add_user(path, "bob", "pw", cost=COST)
+    created = UserStore.load(path).records()["alice"].created
+    add_user(path, "alice", "new", cost=COST, replace=True, end_sessions=True)
+    doc = json.loads(path.read_text())
+    assert doc["version"] == 2 == FILE_VERSION
+    entry = doc["users"]["alice"]
+    assert entry["created"] == created and entry["sessions_valid_after"].endswith("Z")
+    assert "sessions_valid_after" not in doc["users"]["bob"]
+    store = UserStore.load(path)
+    after = store.valid_after()
+    assert after["bob"] is None
+    assert after["alice"] is not None and after["alice"] > 0
+    # A later password change without --end-sessions keeps the mark.
+    add_user(path, "alice", "newer", cost=COST, replace=True)
+    kept = UserStore.load(path).records()["alice"].sessions_valid_after
+    assert kept == entry["sessions_valid_after"]
+
+
+def test_version_1_files_still_load(tmp_path: Path) -> None:
+    path = tmp_path / "users.json"
+    add_user(path, "alice", "pw", cost=COST)
+    assert json.loads(path.read_text())["version"] == 1  # nothing of version 2 in it
+    assert UserStore.load(path).valid_after() == {"alice": None}
+
+
+def test_newer_version_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "users.json"
+    path.write_text(json.dumps({"version": FILE_VERSION + 1, "users": {}}))
+    with pytest.raises(UserFileError, match="newer than this broker reads"):
+        UserStore.load(path)
 
 
 @pytest.mark.parametrize("name", ["", "x" * 129, "bad\nname", "tab\there", "nul\x00", "del\x7f"])
@@ -118,7 +168,8 @@ def test_empty_password_is_refused(tmp_path: Path) -> None:
         (b"{not json", "invalid JSON"),
         (b"\xff\xfe", "UTF-8"),
         (b"[]", "object"),
-        (b'{"version": 2, "users": {}}', "version"),
+        (b'{"version": 0, "users": {}}', "version"),
+        (b'{"version": "2", "users": {}}', "version"),
         (b'{"version": 1}', "users"),
         (b'{"version": 1, "users": {"a": "hash"}}', "'a'"),
         (b'{"version": 1, "users": {"a": {"created": "x"}}}', "hash"),
@@ -127,6 +178,11 @@ def test_empty_password_is_refused(tmp_path: Path) -> None:
         # Not a hash `user add` writes: refused at load, not found out at every login.
         (b'{"version": 1, "users": {"a": {"hash": "h", "created": "x"}}}', "'a'.*not a bcrypt"),
         (b'{"version": 1, "users": {"a": {"hash": "$2b$12$abc", "created": "x"}}}', "bcrypt"),
+        (
+            b'{"version": 1, "users": {"a": {"hash": "bcrypt-sha256$x", "created": "x", '
+            b'"sessions_valid_after": "2026-01-01T00:00:00Z"}}}',
+            "needs",
+        ),
     ],
 )
 def test_malformed_file_names_the_path(tmp_path: Path, content: bytes, why: str) -> None:
