@@ -64,9 +64,9 @@ class AuthFailed(Rejected):
         super().__init__(
             ErrorCode.AUTH_FAILED,
             broker_message,
-            hint=f"check the password of user {username!r}, and the name; the broker reads "
-            "its users file only when it starts, so a user added or changed since then needs "
-            "a broker restart",
+            hint=f"check the password of user {username!r}, and the name, and that they are in "
+            "the users file the broker was started with (--users); it picks up a change to "
+            "that file within a second",
         )
 
 

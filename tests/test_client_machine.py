@@ -972,7 +972,7 @@ def test_disconnected_and_reconnected_once_per_transition() -> None:
     assert machine.connection_lost() == []
 
 
-def test_the_auth_failed_hint_points_at_a_broker_restart_not_at_user_add() -> None:
+def test_the_auth_failed_hint_points_at_the_users_file_not_at_user_add() -> None:
     """Issue 9 item 4."""
     machine = ClientMachine(CONFIG)
     machine.connection_made()
@@ -980,7 +980,7 @@ def test_the_auth_failed_hint_points_at_a_broker_restart_not_at_user_add() -> No
     (closed,) = feed(machine, Error(req=reg.req, code="auth_failed", message="wrong"))  # type: ignore[union-attr]
     text = str(closed.error)  # type: ignore[union-attr]
     assert "tether user add" not in text
-    assert "restart" in text and "'alice'" in text and "password" in text
+    assert "users file" in text and "'alice'" in text and "password" in text
 
 
 def test_a_ping_whose_health_details_are_too_large_is_refused_at_the_call() -> None:

@@ -192,7 +192,7 @@ def test_the_readme_way_to_reset_a_lost_admin_password_works(tmp_path: Path) -> 
         check=False,
     )
     assert done.returncode == 0, done.stderr
-    broker = start(users)  # "then restart the broker"
+    broker = start(users)  # a broker started on the file (a running one reloads it)
     try:
         port = port_of(broker)
         with Client(client_id="back-in", username="admin", password="remembered", port=port):
