@@ -4,14 +4,20 @@ timer, health) and its record in the store. See docs/architecture.md sections 9 
 from __future__ import annotations
 
 import hmac
+import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from tether.broker.messages import ConnHandle
-from tether.broker.store import SessionRecord, token_hash
+import structlog
 
-__all__ = ["Cancellable", "Session"]
+from tether.broker.messages import ConnHandle
+from tether.broker.store import SessionRecord, StoreError, token_hash
+
+_log = structlog.get_logger("tether.sessions")
+
+__all__ = ["Cancellable", "Session", "log_store_error", "new_session_id"]
 
 
 class Cancellable(Protocol):
@@ -75,3 +81,15 @@ class Session:
             created=record.created,
             last_seen=record.last_seen,
         )
+
+
+def log_store_error(what: str) -> Callable[[StoreError | None], None]:
+    def done(error: StoreError | None) -> None:
+        if error is not None:
+            _log.warning("session_not_stored", what=what, error=str(error))
+
+    return done
+
+
+def new_session_id() -> str:
+    return secrets.token_urlsafe(16)

@@ -1,20 +1,6 @@
 """SessionManager: creates, resumes, takes over and expires sessions; never waits on anyone.
-See docs/architecture.md sections 6 and 9.
-
-Theory of operation: a session is bound to at most one connection, named by its `conn_id`, and
-every event that names a connection is checked against it, so a late event from a replaced
-connection never touches its successor. A session without a connection has one cleanup timer,
-carrying the session's `generation` (bumped at every bind and every arming), so a timer that
-fires after a resume is recognised as stale and ignored.
-
-With a store (docs/architecture.md section 15), every bind is committed before it is answered:
-`_bind` submits the session's record (or its new token hashes) and tells itself `_Bound` from
-the store's callback; only then does the SubscriberManager get `Attach`, so a client never holds
-a token the store does not know. A `_Bound` whose generation is no longer the session's was
-overtaken by a newer bind (or the session ended meanwhile) and is refused. Disconnects, health
-and expiry deadlines are written without waiting: nothing is promised on them. The session's
-queues and its record are deleted by the SubscriberManager, which owns what a delete races with.
-"""
+Connection epochs and cleanup-timer generations: docs/architecture.md section 9; a bind is
+committed (`_Bound`) before it is answered: section 6."""
 
 from __future__ import annotations
 
@@ -42,7 +28,7 @@ from tether.broker.messages import (
     TakenOver,
     UsersChanged,
 )
-from tether.broker.session_state import Cancellable, Session
+from tether.broker.session_state import Cancellable, Session, log_store_error, new_session_id
 from tether.broker.store import (
     Batch,
     PutSession,
@@ -76,18 +62,6 @@ class _Bound:
     created: bool  # a new session (forgotten again if its record could not be stored)
     previous_conn: int | None  # the connection the bind replaced, if any
     error: StoreError | None
-
-
-def _log_store_error(what: str) -> Callable[[StoreError | None], None]:
-    def done(error: StoreError | None) -> None:
-        if error is not None:
-            _log.warning("session_not_stored", what=what, error=str(error))
-
-    return done
-
-
-def _new_id() -> str:
-    return secrets.token_urlsafe(16)
 
 
 class SessionManager(LoopActor):
@@ -133,7 +107,7 @@ class SessionManager(LoopActor):
     def _write(self, batch: Batch, what: str) -> None:
         """Submit what need not be waited for (nothing is promised on it)."""
         if self._store is not None and batch:
-            self._store.submit(batch, _log_store_error(what))
+            self._store.submit(batch, log_store_error(what))
 
     def on_receive(self, message: object) -> object:
         match message:
@@ -310,7 +284,7 @@ class SessionManager(LoopActor):
             )
             self._remove(existing, "taken_over")
         session = Session(
-            session_id=_new_id(),
+            session_id=new_session_id(),
             client_id=frame.client_id,
             username=frame.username,
             token_hash=b"",
