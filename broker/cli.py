@@ -76,6 +76,15 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         metavar="SECONDS",
         help="time a connection may take to register (default: %(default)s)",
     )
+    serve.add_argument(
+        "--shutdown-grace",
+        type=positive(float),
+        default=_DEFAULT.shutdown_grace,
+        metavar="SECONDS",
+        help="on SIGTERM/SIGINT: stop accepting, close every connection (clients resume on the "
+        "next broker) and exit within this time; a second signal exits at once "
+        "(default: %(default)s)",
+    )
     _store_arguments(serve)
     serve.add_argument(
         "--log-format",
@@ -192,6 +201,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             log_format=log_format,
             data_dir=None if args.in_memory else args.data_dir,
             sync=args.sync,
+            shutdown_grace=args.shutdown_grace,
         )
     except ValueError as exc:
         return _refuse_start(str(exc))

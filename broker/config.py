@@ -32,6 +32,8 @@ class BrokerConfig:
     # relative to the working directory; None: in memory only (`--in-memory`), no files.
     data_dir: Path | None = Path("tether-data")
     sync: str = "full"  # full | normal: SQLite's `synchronous` (what each survives: section 15)
+    # Seconds a stop (SIGTERM) may take: stop accepting, close every connection, save, exit.
+    shutdown_grace: float = 5.0
 
     def __post_init__(self) -> None:
         if self.session_expiry <= 0:
@@ -42,5 +44,7 @@ class BrokerConfig:
             raise ValueError("max_frame must be >= 64 bytes")
         if self.log_format not in ("json", "console"):
             raise ValueError("log_format must be json or console")
+        if self.shutdown_grace <= 0:
+            raise ValueError("shutdown_grace must be > 0")
         if self.sync not in ("full", "normal"):
             raise ValueError("sync must be full or normal")

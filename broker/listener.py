@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import enum
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import structlog
@@ -51,6 +52,11 @@ if TYPE_CHECKING:
     from tether.broker.supervisor import BrokerSupervisor
 
 _log = structlog.get_logger("tether.listener")
+
+
+@dataclass(frozen=True, slots=True)
+class CloseConnection:
+    """ListenerManager -> Listener, on shutdown: close the connection cleanly."""
 
 
 class State(enum.Enum):
@@ -201,6 +207,13 @@ class Listener(LoopActor):
                     self._link.pause_reading()
                 elif not self._done_reading and self.state is State.ACTIVE:
                     self._link.resume_reading()
+            case CloseConnection():
+                # The broker shuts down: close without an error frame (nothing went wrong
+                # with this client); the close reports `ConnectionLost` as any other does, so
+                # the session lingers and the client resumes on the next broker.
+                if not self._socket_closed:
+                    self._log.info("closing_for_shutdown", session_id=self._session_id)
+                    self._close()
             case TakenOver(session_id, code, text):
                 if session_id == self._session_id and self.state is State.ACTIVE:
                     self._log.info(

@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import structlog
 from pykka import ActorRef
 
-from tether.broker.listener import Listener
-from tether.broker.loop_actor import LoopActor
+from tether.broker.listener import CloseConnection, Listener
+from tether.broker.loop_actor import LoopActor, tell
 from tether.broker.messages import GetStats, ListenerClosed
 from tether.broker.netedge import Connection, ConnectionHandler
 
@@ -37,6 +38,15 @@ class StartListening:
 @dataclass(frozen=True, slots=True)
 class StopListening:
     pass
+
+
+@dataclass(frozen=True, slots=True)
+class Drain:
+    """Shutdown, first step: stop accepting and close every connection cleanly (each Listener
+    closes its link; its session goes away as after any disconnect). `drained` is set once the
+    last Listener has reported `ListenerClosed`. Answered with the number of connections open."""
+
+    drained: threading.Event
 
 
 class ListenerManager(LoopActor):
@@ -64,6 +74,7 @@ class ListenerManager(LoopActor):
         self._conn_ids = itertools.count(1)
         self._listeners: dict[int, ActorRef[Listener]] = {}
         self._server: asyncio.Server | None = None
+        self._drained: threading.Event | None = None  # set by Drain: shutting down
         self.accepted = 0
 
     def on_receive(self, message: Any) -> Any:
@@ -78,8 +89,20 @@ class ListenerManager(LoopActor):
                 for ref in list(self._listeners.values()):
                     ref.stop(block=False)
                 self._listeners.clear()
+            case Drain(drained):
+                if self._server is not None:
+                    self._server.close()
+                    self._server = None
+                self._drained = drained
+                for ref in self._listeners.values():
+                    tell(ref, CloseConnection())
+                if not self._listeners:
+                    drained.set()
+                return len(self._listeners)
             case ListenerClosed(conn_id):
                 self._listeners.pop(conn_id, None)
+                if self._drained is not None and not self._listeners:
+                    self._drained.set()
             case GetStats():
                 return {"connections": len(self._listeners), "accepted": self.accepted}
             case _:

@@ -17,7 +17,12 @@ import structlog
 from pykka import ActorRef
 
 from tether.broker.config import BrokerConfig
-from tether.broker.listener_manager import ListenerManager, StartListening, StopListening
+from tether.broker.listener_manager import (
+    Drain,
+    ListenerManager,
+    StartListening,
+    StopListening,
+)
 from tether.broker.loop_actor import tell
 from tether.broker.messages import GetStats, UsersChanged, UsersReloaded
 from tether.broker.ratelimit import FailureLimiter
@@ -59,6 +64,11 @@ class Broker:
         self.address: tuple[str, int] | None = None
         # What the store held when the broker stopped: (sessions, queued messages).
         self.saved: tuple[int, int] | None = None
+        # Set when a stop begins. The /health endpoint (issue 11, not built yet) answers 503
+        # while it is set, so a load balancer stops sending clients here during the drain.
+        self.draining = threading.Event()
+        # Connections open when the drain began, and those still open when it ended.
+        self.drain_result: tuple[int, int] | None = None
 
     def start(self) -> tuple[str, int]:
         config = self.config
@@ -170,7 +180,13 @@ class Broker:
                 merged[key] = value
         return merged
 
-    def stop(self) -> None:
+    def stop(self, *, drain: float | None = None) -> None:
+        """Stop gracefully, within about `config.shutdown_grace` seconds: stop accepting and
+        close every connection (each session goes away as after any disconnect, so a client
+        resumes on the next broker), waiting for the closes up to `drain` seconds (default:
+        most of the grace; 0: do not wait); then stop the actors and commit and close the
+        store (docs/operations.md, "Shutdown and deploys")."""
+        self.draining.set()
         if self._watcher is not None:
             self._watcher.stop()
             self._watcher = None
@@ -178,6 +194,10 @@ class Broker:
             return
         listeners = self._refs.get("listeners")
         if listeners is not None:
+            if drain is None:
+                # What is left of the grace goes to stopping the actors and the store.
+                drain = self.config.shutdown_grace * 0.8
+            self._drain(listeners, drain)
             listeners.ask(StopListening(), timeout=10)
         subscribers = self._refs.get("subscribers")
         if subscribers is not None and self._store is not None:
@@ -198,6 +218,18 @@ class Broker:
             loop.close()
         self._loop = None
         self._refs = {}
+
+    def _drain(self, listeners: ActorRef[Any], seconds: float) -> None:
+        drained = threading.Event()
+        opened = cast("int", listeners.ask(Drain(drained), timeout=10))
+        if opened:
+            _log.info("draining", connections=opened, wait_seconds=seconds)
+        drained.wait(seconds)
+        still = 0
+        if not drained.is_set():
+            counters = cast("dict[str, int]", listeners.ask(GetStats(), timeout=10))
+            still = counters["connections"]
+        self.drain_result = (opened, still)
 
     def __enter__(self) -> Broker:
         self.start()
@@ -274,7 +306,13 @@ def serve(config: BrokerConfig) -> int:
     stopping = threading.Event()
 
     def request_stop(signum: int, _frame: object) -> None:
-        _log.info("stopping", signal=signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        if stopping.is_set():
+            # A second signal during the drain: out now. What was committed stays committed
+            # (SQLite); nothing uncommitted was promised to anyone.
+            _log.warning("stopping_now", signal=name)
+            os._exit(128 + signum)
+        _log.info("stopping", signal=name, grace=config.shutdown_grace)
         stopping.set()
 
     signal.signal(signal.SIGINT, request_stop)
@@ -309,8 +347,17 @@ def serve(config: BrokerConfig) -> int:
     while not stopping.wait(1.0):
         pass
     broker.stop()
+    closed: dict[str, int] = {}
+    if broker.drain_result is not None:
+        opened, still = broker.drain_result
+        closed = {"connections_closed": opened - still, "connections_left_open": still}
     if broker.saved is not None:
-        _log.info("broker_stopped", sessions_saved=broker.saved[0], messages_saved=broker.saved[1])
+        _log.info(
+            "broker_stopped",
+            **closed,
+            sessions_saved=broker.saved[0],
+            messages_saved=broker.saved[1],
+        )
     else:
-        _log.info("broker_stopped")
+        _log.info("broker_stopped", **closed)
     return 0
