@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -38,6 +39,17 @@ def users_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name, password in PASSWORDS.items():
         add_user(path, name, password, cost=4)
     return path
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[Any]]]:
+    """Subprocesses a test started (brokers, CLI commands): killed if still running after it."""
+    started: list[subprocess.Popen[Any]] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
 
 
 @pytest.fixture

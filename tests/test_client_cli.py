@@ -27,16 +27,6 @@ def port(broker: Broker) -> str:
     return str(broker.address[1])
 
 
-@pytest.fixture
-def processes() -> Iterator[list[subprocess.Popen[str]]]:
-    started: list[subprocess.Popen[str]] = []
-    yield started
-    for proc in started:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
-
-
 def pub(port: str, *args: str, stdin: bytes | None = None, password: str = "secret") -> str:
     done = subprocess.run(
         tether("pub", *args, "--username", "alice", "--port", port),
@@ -350,29 +340,19 @@ def test_sub_interrupted_while_the_broker_is_away_ends_within_bounds(
     assert "lingers on the broker until it expires" in told
 
 
-@pytest.fixture
-def brokers() -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for proc in started:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
-
-
 def test_sub_says_when_a_restarted_broker_gave_it_a_new_session(
-    users_file: Path, watched: list[Watched], brokers: list[subprocess.Popen[bytes]]
+    users_file: Path, watched: list[Watched], processes: list[subprocess.Popen[bytes]]
 ) -> None:
     # An --in-memory broker forgets its sessions when it stops.
-    port = str(serve_broker(users_file, 0, brokers, "--in-memory"))
+    port = str(serve_broker(users_file, 0, processes, "--in-memory"))
     listener = Watched(tether("sub", "news", "--username", "alice", "--port", port))
     watched.append(listener)
     wait_until(lambda: topics(port) == 1, 15, lambda: "the subscription")
-    brokers[0].send_signal(signal.SIGTERM)
-    brokers[0].wait(10)
+    processes[0].send_signal(signal.SIGTERM)
+    processes[0].wait(10)
     lost = listener.stderr_line(lambda line: "lost" in line)
     assert lost.startswith(f"tether: lost the connection to 127.0.0.1:{port}")
-    serve_broker(users_file, int(port), brokers, "--in-memory")
+    serve_broker(users_file, int(port), processes, "--in-memory")
     back = listener.stderr_line(lambda line: "reconnected" in line)
     assert back == (
         f"tether: reconnected to 127.0.0.1:{port} with a new session (the old one was "
@@ -385,12 +365,15 @@ def test_sub_says_when_a_restarted_broker_gave_it_a_new_session(
 
 
 def test_sub_resumes_its_session_after_the_broker_was_killed(
-    users_file: Path, tmp_path: Path, watched: list[Watched], brokers: list[subprocess.Popen[bytes]]
+    users_file: Path,
+    tmp_path: Path,
+    watched: list[Watched],
+    processes: list[subprocess.Popen[bytes]],
 ) -> None:
     """Issue 10 as it was found: a `tether sub --state` killed, two messages published with
     --confirm, the broker killed and restarted on its data directory: both arrive."""
     data = str(tmp_path / "data")
-    port = str(serve_broker(users_file, 0, brokers, "--data-dir", data))
+    port = str(serve_broker(users_file, 0, processes, "--data-dir", data))
     state = str(tmp_path / "sub.state")
     args = ("sub", "jobs", "--state", state, "--username", "alice", "--port", port)
     first = Watched(tether(*args, "--client-id", "worker"))
@@ -399,9 +382,9 @@ def test_sub_resumes_its_session_after_the_broker_was_killed(
     first.proc.kill()
     first.proc.wait(10)
     pub(port, "jobs", "--lines", "--confirm", stdin=b"one\ntwo\n")
-    brokers[0].kill()
-    brokers[0].wait(10)
-    serve_broker(users_file, int(port), brokers, "--data-dir", data)
+    processes[0].kill()
+    processes[0].wait(10)
+    serve_broker(users_file, int(port), processes, "--data-dir", data)
     second = Watched(tether(*args, "--count", "2"))
     watched.append(second)
     assert [second.stdout_line(), second.stdout_line()] == ["one", "two"]
@@ -411,10 +394,10 @@ def test_sub_resumes_its_session_after_the_broker_was_killed(
     watched.append(third)
     # Connected: the counter reader and this subscriber.
     wait_until(lambda: broker_stat(port, "connected") == 2, 15, lambda: "the subscriber")
-    brokers[1].kill()
-    brokers[1].wait(10)
+    processes[1].kill()
+    processes[1].wait(10)
     lost = third.stderr_line(lambda line: "lost" in line)
-    serve_broker(users_file, int(port), brokers, "--data-dir", data)
+    serve_broker(users_file, int(port), processes, "--data-dir", data)
     back = third.stderr_line(lambda line: "reconnected" in line)
     assert back == (
         f"tether: reconnected to 127.0.0.1:{port}: session resumed, 0 queued messages to come"

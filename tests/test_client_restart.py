@@ -10,10 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from tests.test_client_chaos import FAST, wait_until
 from tether.broker.server import Broker
@@ -29,16 +26,6 @@ def cli_env(password: str = "secret") -> dict[str, str]:
 
 def tether(*args: str) -> list[str]:
     return [sys.executable, "-m", "tether", *args]
-
-
-@pytest.fixture
-def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for proc in started:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
 
 
 def payloads(path: Path) -> list[int]:

@@ -16,7 +16,7 @@ import pytest
 from tests.helpers import registered, subscribe
 from tests.test_cli_user import fake_server  # noqa: F401 - a fixture used below
 from tests.test_client_chaos import FAST, wait_until
-from tests.test_client_restart import cli_env, processes, serve_broker, tether  # noqa: F401
+from tests.test_client_restart import cli_env, serve_broker, tether
 from tests.wire import WireClient
 from tether.broker.config import BrokerConfig
 from tether.broker.server import Broker
@@ -53,7 +53,7 @@ def test_a_drain_waits_no_longer_than_asked(start_broker: Callable[..., Broker])
 
 def test_sigterm_drains_and_the_client_resumes_on_the_next_broker(
     users_file: Path,
-    processes: list[subprocess.Popen[bytes]],  # noqa: F811
+    processes: list[subprocess.Popen[bytes]],
     tmp_path: Path,
 ) -> None:
     data = str(tmp_path / "data")
@@ -91,7 +91,7 @@ def test_sigterm_drains_and_the_client_resumes_on_the_next_broker(
 
 def test_sigterm_logs_the_drain_and_exits_0(
     users_file: Path,
-    processes: list[subprocess.Popen[bytes]],  # noqa: F811
+    processes: list[subprocess.Popen[bytes]],
     tmp_path: Path,
 ) -> None:
     proc = subprocess.Popen(
@@ -125,7 +125,7 @@ def test_sigterm_logs_the_drain_and_exits_0(
 
 def test_a_second_signal_during_the_drain_exits_at_once(
     users_file: Path,
-    processes: list[subprocess.Popen[bytes]],  # noqa: F811
+    processes: list[subprocess.Popen[bytes]],
     tmp_path: Path,
 ) -> None:
     port = serve_broker(
