@@ -645,6 +645,18 @@ def drain(sizes: Sizes, console: Console) -> ScenarioResult:
     ]
     res.figures = {
         "messages": n,
+        **_drain_figures(run, n),
+        "store": "sqlite, --sync full",
+        "in_memory": _drain_figures(memory, n),
+    }
+    return res
+
+
+def _drain_figures(run: QueuedRun, n: int) -> dict[str, Any]:
+    """One drain run's figures, the same keys for the durable and the in-memory broker."""
+    seconds = _drain_seconds(run)
+    (reply,) = run.resume
+    return {
         "seconds": round(seconds, 4),
         "messages_per_s": round(n / seconds) if seconds > 0 else 0,
         "queued_reported": run.queued_before,
@@ -652,18 +664,7 @@ def drain(sizes: Sizes, console: Console) -> ScenarioResult:
         "server_cpu": round(run.server_cpu, 3),
         "gen_cpu": round(reply["cpu"], 3),
         "checks": _tally(run.resume).to_dict(),
-        "store": "sqlite, --sync full",
-        "in_memory": {
-            "seconds": round(memory_seconds, 4),
-            "messages_per_s": round(n / memory_seconds) if memory_seconds > 0 else 0,
-            "queued_reported": memory.queued_before,
-            "queue_fill_seconds": round(memory.publish_seconds, 3),
-            "server_cpu": round(memory.server_cpu, 3),
-            "gen_cpu": round(memory_reply["cpu"], 3),
-            "checks": _tally(memory.resume).to_dict(),
-        },
     }
-    return res
 
 
 def storm(sizes: Sizes, console: Console) -> ScenarioResult:
