@@ -119,6 +119,19 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="with --replace: also end the user's sessions now (a password rotated after a "
         "leak); their clients get session_ended",
     )
+    admin = add.add_mutually_exclusive_group()
+    admin.add_argument(
+        "--admin",
+        action="store_true",
+        default=None,
+        help="the user may subscribe to the broker's $sys/... events (session lifecycle)",
+    )
+    admin.add_argument(
+        "--no-admin",
+        dest="admin",
+        action="store_false",
+        help="with --replace: take the admin mark away",
+    )
     add.set_defaults(func=_cmd_user_add)
 
     remove = user_commands.add_parser(
@@ -262,6 +275,7 @@ def _cmd_user_add(args: argparse.Namespace) -> int:
             cost=args.cost,
             replace=args.replace,
             end_sessions=args.end_sessions,
+            admin=args.admin,
         )
     except UserExistsError as exc:
         raise CliError(f"{exc} (use --replace to change the password)") from None
@@ -299,5 +313,6 @@ def _cmd_user_list(args: argparse.Namespace) -> int:
         print(f"{PROG}: no users file at {args.users}", file=sys.stderr)
     for name in store.names():
         record = store.get(name)
-        print(f"{name}\t{record.created if record else ''}")
+        if record is not None:
+            print(f"{name}\t{record.created}" + ("\tadmin" if record.admin else ""))
     return 0

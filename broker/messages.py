@@ -29,12 +29,14 @@ class RegisterRequest:
     conn: ConnHandle
 
 
-# BrokerSupervisor -> SessionManager (authenticated is False for a resume: the token decides)
+# BrokerSupervisor -> SessionManager (authenticated is False for a resume: the token decides).
+# `admin`: the user is marked admin in the users file (may subscribe to `$sys/...`).
 @dataclass(frozen=True, slots=True)
 class OpenSession:
     frame: Register
     conn: ConnHandle
     authenticated: bool
+    admin: bool = False
 
 
 # SessionManager/BrokerSupervisor -> Listener
@@ -65,6 +67,8 @@ class Attach:
     resumed: bool
     keepalive: int
     expiry: int
+    username: str = ""
+    admin: bool = False  # may subscribe to `$sys/...`
 
 
 # SubscriberManager -> Listener: registration done; `registered` is the encoded frame.
@@ -171,4 +175,124 @@ class ListenerClosed:
 # the SubscriberManager): a snapshot of them, for `ask`. Each counter has one owner.
 @dataclass(frozen=True, slots=True)
 class GetStats:
+    pass
+
+
+# --- The fleet view (issue 11): asked from the HTTP endpoint's thread -------------------------
+#
+# Times are seconds since the epoch (time.time()); the HTTP layer renders them RFC 3339 UTC.
+
+
+@dataclass(frozen=True, slots=True)
+class HealthView:
+    status: str | None  # what the client last said in a `ping` (None: never said)
+    details: Mapping[str, Any] | None
+    at: float | None  # when that report came
+    stale: bool  # online, and no health report for 2 x keepalive
+
+
+@dataclass(frozen=True, slots=True)
+class SessionView:
+    """One session as the SessionManager knows it (everything but its subscriptions)."""
+
+    client_id: str
+    username: str
+    session_id: str
+    status: str  # "online" | "away"
+    connected_since: float | None  # None while away
+    away_since: float | None  # None while online
+    last_seen: float  # the last frame read from it (to about a second), or its last bind
+    expires_at: float | None  # when an away session's cleanup timer fires; None while online
+    peer: str | None  # "host:port" of its connection; None while away
+    keepalive: int
+    metadata: Mapping[str, Any]
+    health: HealthView
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionView:
+    topic: str
+    queued: int  # messages held for it, unacked included
+    unacked: int
+    dropped: int  # over the session's life (overflow, connected or not)
+
+
+# HTTP -> SessionManager (ask): a page of sessions sorted by client id, after `after` (exclusive),
+# filtered. Answer: `SessionPage`.
+@dataclass(frozen=True, slots=True)
+class ListSessions:
+    status: str | None = None  # "online" | "away" | None (all)
+    username: str | None = None
+    client_id_prefix: str | None = None
+    after: str | None = None
+    limit: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class SessionPage:
+    sessions: tuple[SessionView, ...]
+    next: str | None  # the client id to pass as `after` for the next page; None: last page
+
+
+# HTTP -> SessionManager (ask): one session by client id. Answer: SessionView | None.
+@dataclass(frozen=True, slots=True)
+class GetSession:
+    client_id: str
+
+
+# HTTP -> SubscriberManager (ask): the subscriptions of these sessions.
+# Answer: dict[session_id, tuple[SubscriptionView, ...]] (a session it does not know: absent).
+@dataclass(frozen=True, slots=True)
+class GetSubscriptions:
+    session_ids: tuple[str, ...]
+
+
+# HTTP -> SessionManager (ask), admin actions. Answer: the SessionView acted on (before the
+# action), or None when no session has that client id.
+# Disconnect: close its connection (no error frame); the session lingers as after any
+# disconnect. End: the session ends (queues discarded); its connection, if any, gets
+# `session_ended` and is closed.
+@dataclass(frozen=True, slots=True)
+class DisconnectSession:
+    client_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class EndSessionByAdmin:
+    client_id: str
+
+
+# Listener -> SessionManager: frames were read from `conn_id` at `at` (time.time()). Sent at
+# most about once a second per connection, for `last_seen` and presence.
+@dataclass(frozen=True, slots=True)
+class Seen:
+    session_id: str
+    conn_id: int
+    at: float
+
+
+# SessionManager -> SubscriberManager: publish a lifecycle event on `$sys/sessions/<event>`,
+# as an ordinary delivery to the topic's (admin) subscribers. `fields` is the payload map
+# without `at` (added when it is encoded, RFC 3339 UTC) : client_id, username, session_id
+# and what the event adds (reason, metadata, status/was, peer ...).
+@dataclass(frozen=True, slots=True)
+class SysEvent:
+    event: str  # registered, resumed, disconnected, taken_over, expired, ended, health, dropped
+    fields: Mapping[str, Any]
+    at: float
+
+
+# Outside the loop -> the actors, for /metrics (`ask`): each answers its own figures as a
+# flat dict of name -> number. Names, and who owns each (one owner per name):
+#   ListenerManager:  connections_open, connections_accepted
+#   BrokerSupervisor: registrations_auth_failed, registrations_rate_limited,
+#                     password_checks (count)
+#   SessionManager:   sessions_online, sessions_away, registrations_new,
+#                     registrations_resumed, registrations_taken_over, registrations_conflict,
+#                     registrations_unknown_session
+#   SubscriberManager: messages_published, messages_delivered, messages_redelivered,
+#                     messages_acked, messages_dropped, messages_queued, bytes_queued,
+#                     subscriptions, topics, sessions_expired
+@dataclass(frozen=True, slots=True)
+class GetMetrics:
     pass

@@ -2,14 +2,16 @@
 
 Format (JSON)::
 
-    {"version": 2, "users": {"NAME": {"hash": "bcrypt-sha256$...", "created": "ISO-8601 UTC",
-                                      "sessions_valid_after": "ISO-8601 UTC"}}}
+    {"version": 3, "users": {"NAME": {"hash": "bcrypt-sha256$...", "created": "ISO-8601 UTC",
+                                      "sessions_valid_after": "ISO-8601 UTC", "admin": true}}}
 
 `sessions_valid_after` (version 2, optional) is written by `tether user add NAME --replace
 --end-sessions`: the user's sessions created before that moment are void, and a broker ends
-them. A file is written at the lowest version that holds it (1 while no user has the field), so
-a file a version-1 broker can read stays readable by it; a broker refuses a file whose version
-is newer than `FILE_VERSION` instead of ignoring fields it does not know.
+them. `admin` (version 3, optional, written by `tether user add NAME --admin`) lets the user
+subscribe to the broker's `$sys/...` topics. A file is written at the lowest version that holds
+it (1 while no user has the newer fields), so a file an older broker can read stays readable by
+it; a broker refuses a file whose version is newer than `FILE_VERSION` instead of ignoring
+fields it does not know (a rolled-back broker never drops an `admin` mark silently).
 
 A `UserStore` is immutable: the broker loads one at start and a new one at every reload
 (`userwatch.py`); `add_user` and `remove_user` are for the command line and rewrite the whole
@@ -47,8 +49,8 @@ __all__ = [
 ]
 
 # The newest users file format this code reads and writes (1: hash and created; 2: adds
-# sessions_valid_after).
-FILE_VERSION = 2
+# sessions_valid_after; 3: adds admin).
+FILE_VERSION = 3
 MAX_NAME_LENGTH = 128
 FILE_MODE = 0o600  # the file holds password hashes
 
@@ -75,6 +77,8 @@ class UserRecord:
     created: str  # ISO-8601, UTC
     # Sessions of this user created before this moment are void (ISO-8601 UTC; version 2).
     sessions_valid_after: str | None = None
+    # May subscribe to `$sys/...` (version 3).
+    admin: bool = False
 
     def valid_after(self) -> float | None:
         """`sessions_valid_after` as seconds since the epoch (as `Session.created` is)."""
@@ -121,6 +125,10 @@ class UserStore:
 
     def get(self, name: str) -> UserRecord | None:
         return self._users.get(name)
+
+    def is_admin(self, name: str) -> bool:
+        record = self._users.get(name)
+        return record is not None and record.admin
 
     def valid_after(self) -> dict[str, float | None]:
         """Every user -> the time before which their sessions are void (None: all valid)."""
@@ -189,13 +197,21 @@ def _parse(raw: bytes, path: Path) -> dict[str, UserRecord]:
                 raise bad(f'user {name!r}: "sessions_valid_after" needs "version": 2')
             if not isinstance(valid_after, str) or not _is_time(valid_after):
                 raise bad(f'user {name!r}: "sessions_valid_after" must be an ISO-8601 time')
+        admin = entry.get("admin", False)
+        if "admin" in entry:
+            if version < 3:
+                raise bad(f'user {name!r}: "admin" needs "version": 3')
+            if type(admin) is not bool:
+                raise bad(f'user {name!r}: "admin" must be true or false')
         if not is_valid_hash(hash_):
             # Caught here, not at every login: such a user could never log in.
             raise bad(
                 f'user {name!r}: "hash" is not a bcrypt-sha256 hash as `tether user add` '
                 "writes (set the password again with: tether user add NAME --replace)"
             )
-        records[name] = UserRecord(hash=hash_, created=created, sessions_valid_after=valid_after)
+        records[name] = UserRecord(
+            hash=hash_, created=created, sessions_valid_after=valid_after, admin=admin
+        )
     return records
 
 
@@ -218,13 +234,20 @@ def _now_iso(timespec: str = "seconds") -> str:
 
 def _write(path: Path, users: Mapping[str, UserRecord]) -> None:
     """Write the whole file, at the lowest version that holds what it says."""
-    entries: dict[str, dict[str, str]] = {}
+    entries: dict[str, dict[str, str | bool]] = {}
     for name, record in sorted(users.items()):
-        entry = {"hash": record.hash, "created": record.created}
+        entry: dict[str, str | bool] = {"hash": record.hash, "created": record.created}
         if record.sessions_valid_after is not None:
             entry["sessions_valid_after"] = record.sessions_valid_after
+        if record.admin:
+            entry["admin"] = True
         entries[name] = entry
-    version = 2 if any(r.sessions_valid_after is not None for r in users.values()) else 1
+    if any(r.admin for r in users.values()):
+        version = 3
+    elif any(r.sessions_valid_after is not None for r in users.values()):
+        version = 2
+    else:
+        version = 1
     doc: dict[str, Any] = {"version": version, "users": entries}
     write_atomic(path, (json.dumps(doc, indent=2, ensure_ascii=False) + "\n").encode(), FILE_MODE)
 
@@ -246,9 +269,11 @@ def add_user(
     cost: int = DEFAULT_COST,
     replace: bool = False,
     end_sessions: bool = False,
+    admin: bool | None = None,
 ) -> None:
     """Add `name` to the users file (creating the file, never its directory), or change their
-    password with replace=True; end_sessions=True also voids the sessions they have now."""
+    password with replace=True; end_sessions=True also voids the sessions they have now.
+    `admin`: mark the user admin (True) or not (False); None keeps what a replaced user had."""
     path = Path(path)
     validate_name(name)
     if not password:
@@ -268,7 +293,11 @@ def add_user(
     else:
         valid_after = existing.sessions_valid_after if existing is not None else None
     users = dict(store.records())
-    users[name] = UserRecord(hash=hashed, created=created, sessions_valid_after=valid_after)
+    if admin is None:
+        admin = existing.admin if existing is not None else False
+    users[name] = UserRecord(
+        hash=hashed, created=created, sessions_valid_after=valid_after, admin=admin
+    )
     _write(path, users)
 
 

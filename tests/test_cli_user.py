@@ -146,6 +146,21 @@ def test_user_list(
     assert [line.split("\t")[0] for line in lines] == ["alice", "bob"]
 
 
+def test_user_add_admin_is_listed_and_kept(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = tmp_path / "users.json"
+    _add(monkeypatch, path, "ops", "pw\n", "--admin")
+    _add(monkeypatch, path, "dev", "pw\n")
+    _add(monkeypatch, path, "ops", "pw2\n", "--replace")  # keeps the mark
+    capsys.readouterr()
+    assert main(["user", "list", "--users", str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("\t")[::2] for line in lines] == [["dev"], ["ops", "admin"]]
+    _add(monkeypatch, path, "ops", "pw3\n", "--replace", "--no-admin")
+    assert not UserStore.load(path).is_admin("ops")
+
+
 def test_python_dash_m_tether_user_add(tmp_path: Path) -> None:
     path = tmp_path / "users.json"
     result = subprocess.run(

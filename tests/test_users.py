@@ -114,7 +114,7 @@ def test_end_sessions_writes_version_2_and_keeps_created(tmp_path: Path) -> None
     created = UserStore.load(path).records()["alice"].created
     add_user(path, "alice", "new", cost=COST, replace=True, end_sessions=True)
     doc = json.loads(path.read_text())
-    assert doc["version"] == 2 == FILE_VERSION
+    assert doc["version"] == 2
     entry = doc["users"]["alice"]
     assert entry["created"] == created and entry["sessions_valid_after"].endswith("Z")
     assert "sessions_valid_after" not in doc["users"]["bob"]
@@ -126,6 +126,37 @@ def test_end_sessions_writes_version_2_and_keeps_created(tmp_path: Path) -> None
     add_user(path, "alice", "newer", cost=COST, replace=True)
     kept = UserStore.load(path).records()["alice"].sessions_valid_after
     assert kept == entry["sessions_valid_after"]
+
+
+def test_admin_mark_writes_version_3_and_is_kept_on_replace(tmp_path: Path) -> None:
+    path = tmp_path / "users.json"
+    add_user(path, "ops", "pw", cost=COST, admin=True)
+    add_user(path, "dev", "pw", cost=COST)
+    doc = json.loads(path.read_text())
+    assert doc["version"] == 3 == FILE_VERSION
+    assert doc["users"]["ops"]["admin"] is True and "admin" not in doc["users"]["dev"]
+    store = UserStore.load(path)
+    assert store.is_admin("ops") and not store.is_admin("dev") and not store.is_admin("nobody")
+    add_user(path, "ops", "new", cost=COST, replace=True)  # admin=None keeps the mark
+    assert UserStore.load(path).is_admin("ops")
+    add_user(path, "ops", "new", cost=COST, replace=True, admin=False)
+    assert not UserStore.load(path).is_admin("ops")
+    assert json.loads(path.read_text())["version"] == 1  # nothing of version 2 or 3 left
+
+
+@pytest.mark.parametrize(
+    ("version", "admin", "match"),
+    [(2, True, "needs"), (3, "yes", "true or false"), (3, 1, "true or false")],
+)
+def test_admin_mark_is_validated(tmp_path: Path, version: int, admin: object, match: str) -> None:
+    path = tmp_path / "users.json"
+    add_user(path, "ops", "pw", cost=COST)
+    doc = json.loads(path.read_text())
+    doc["version"] = version
+    doc["users"]["ops"]["admin"] = admin
+    path.write_text(json.dumps(doc))
+    with pytest.raises(UserFileError, match=match):
+        UserStore.load(path)
 
 
 def test_version_1_files_still_load(tmp_path: Path) -> None:
