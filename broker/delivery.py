@@ -7,19 +7,30 @@ from __future__ import annotations
 
 import itertools
 import operator
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterable
 
 from tether.broker.queues import SubscriptionQueue
 from tether.protocol import Dropped, deliver_overhead, encode, encode_delivers
 
-__all__ = ["take_within"]
+__all__ = ["Tally", "take_within"]
 
+_seq_of = operator.itemgetter(0)
 _payload_of = operator.itemgetter(1)
 
 
+class Tally:
+    """What `take_within` counts across calls for the metrics: deliveries sent again, flagged
+    `redelivered` (counted per run taken, not per message)."""
+
+    __slots__ = ("redelivered",)
+
+    def __init__(self) -> None:
+        self.redelivered = 0
+
+
 def take_within(
-    queues: Iterable[SubscriptionQueue], credit: int
+    queues: Iterable[SubscriptionQueue], credit: int, tally: Tally | None = None
 ) -> tuple[list[bytes], int, int, list[tuple[str, int]] | None]:
     """Take from `queues`, in turn, the deliveries `credit` allows, as if one frame at a time
     while credit > 0 (so the last frame may overshoot it) and within each delivery window.
@@ -27,6 +38,7 @@ def take_within(
     Returns the frames, how many deliveries they hold, the credit left, and the overflow
     counts told (`(topic, count)`, or None: none). Each queue's untold `dropped_live` goes
     out as a `dropped` frame ahead of its deliveries, whatever the credit, and is reset.
+    `tally`, if given, counts the deliveries flagged `redelivered`.
     """
     chunks: list[bytes] = []
     sent = 0
@@ -66,6 +78,8 @@ def take_within(
             del frames[count:]
         else:
             credit -= total
+        if tally is not None and entries[0][0] <= q.redeliver_upto:
+            tally.redelivered += min(count, bisect_right(entries, q.redeliver_upto, key=_seq_of))
         q.take_many(count)
         chunks += frames
         sent += count

@@ -18,7 +18,8 @@ __all__ = ["Fanout", "SessionSubs"]
 
 @dataclass(slots=True)
 class SessionSubs:
-    """One session's subscriptions, and where its deliveries go (`conn` None: away)."""
+    """One session's subscriptions, and where its deliveries go (`conn` None: away).
+    `username` and `admin` come with each `Attach` (`admin`: may subscribe to `$sys/...`)."""
 
     session_id: str
     client_id: str
@@ -27,6 +28,8 @@ class SessionSubs:
     queues: dict[str, SubscriptionQueue] = field(default_factory=dict)
     # Seq counters outlive an unsubscribe: a topic subscribed again continues its numbering.
     next_seqs: dict[str, int] = field(default_factory=dict)
+    username: str = ""
+    admin: bool = False
 
 
 class Fanout:

@@ -190,8 +190,13 @@ class Journal:
         `redelivered`."""
         fanout = self._fanout
         for record in sessions:
+            # `admin` stays False until the session attaches: the users file decides then.
             fanout.sessions[record.session_id] = SessionSubs(
-                session_id=record.session_id, client_id=record.client_id, conn=None, credit=0
+                session_id=record.session_id,
+                client_id=record.client_id,
+                conn=None,
+                credit=0,
+                username=record.username,
             )
         for sub in subscriptions:
             subs = fanout.sessions.get(sub.session_id)
@@ -210,6 +215,8 @@ class Journal:
             q.dropped_seqs = []
             q.spill = self._head
             q.dropped_live, q.dropped_away = sub.dropped_live, sub.dropped_away
+            # The store keeps no lifetime count: what it still has to tell is the floor.
+            q.dropped_total = q.dropped_noted = sub.dropped_live + sub.dropped_away
             q.redeliver_upto = q.marked = sub.sent_upto
             q.disk, q.disk_bytes, q.bytes = sub.queued, sub.queued_bytes, sub.queued_bytes
             fanout.add_queue(subs, q)

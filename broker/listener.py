@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, cast
@@ -24,6 +25,7 @@ from tether.broker.messages import (
     Outbound,
     RegisterRejected,
     RegisterRequest,
+    Seen,
     SessionAttached,
     SessionOps,
     TakenOver,
@@ -56,7 +58,15 @@ _log = structlog.get_logger("tether.listener")
 
 @dataclass(frozen=True, slots=True)
 class CloseConnection:
-    """ListenerManager -> Listener, on shutdown: close the connection cleanly."""
+    """ListenerManager (shutdown) or SessionManager (an operator's disconnect) -> Listener:
+    close the connection cleanly, without an error frame; `reason` is for the log."""
+
+    reason: str = "shutdown"
+
+
+# At most one `Seen` per connection per this many seconds (or half its keepalive, if less:
+# a client that pings once a keepalive is seen at each ping): `last_seen` to about a second.
+SEEN_INTERVAL = 1.0
 
 
 class State(enum.Enum):
@@ -122,7 +132,11 @@ class Listener(LoopActor):
         self._held: list[Item] = []
         self._done_reading = False  # after unregister or a fatal protocol error
         self._session_id: str | None = None
+        self._ended_early: TakenOver | None = None  # see `TakenOver` while registering
         self._owed_credit = 0
+        # When a read next earns a `Seen` (monotonic): the bind itself counts as seen.
+        self._next_seen = 0.0
+        self._seen_every = SEEN_INTERVAL
         self._log = _log.bind(conn_id=conn_id, peer=link.peer)
         link.set_deadline(register_timeout)
 
@@ -195,6 +209,7 @@ class Listener(LoopActor):
                     self._finish()
                     return None
                 self._move("rejected")
+                self._ended_early = None
                 self._link.write(encode(Error(req=req, code=code, message=text)))
                 # A fresh attempt gets a fresh registration deadline.
                 self._link.set_deadline(self._register_timeout)
@@ -207,15 +222,20 @@ class Listener(LoopActor):
                     self._link.pause_reading()
                 elif not self._done_reading and self.state is State.ACTIVE:
                     self._link.resume_reading()
-            case CloseConnection():
-                # The broker shuts down: close without an error frame (nothing went wrong
-                # with this client); the close reports `ConnectionLost` as any other does, so
-                # the session lingers and the client resumes on the next broker.
+            case CloseConnection(reason):
+                # The broker shuts down, or an operator disconnects this client: close without
+                # an error frame (nothing went wrong with this client); the close reports
+                # `ConnectionLost` as any other does, so the session lingers and the client
+                # resumes (on the next broker, after a shutdown).
                 if not self._socket_closed:
-                    self._log.info("closing_for_shutdown", session_id=self._session_id)
+                    self._log.info("closing", reason=reason, session_id=self._session_id)
                     self._close()
             case TakenOver(session_id, code, text):
-                if session_id == self._session_id and self.state is State.ACTIVE:
+                if self.state is State.REGISTERING:
+                    # Bound, then taken over or ended before the grant reached us: acted on
+                    # when (if) the grant arrives, so the session never goes live here.
+                    self._ended_early = message
+                elif session_id == self._session_id and self.state is State.ACTIVE:
                     self._log.info(
                         "taken_over" if code is ErrorCode.TAKEN_OVER else "session_ended",
                         session_id=session_id,
@@ -245,10 +265,18 @@ class Listener(LoopActor):
             self._finish()
             return
         self._move("attached")
+        ended, self._ended_early = self._ended_early, None
+        if ended is not None and ended.session_id == msg.session_id:
+            self._log.info("session_ended_before_attach", session_id=msg.session_id)
+            self._held = []
+            self._fail(ended.code, ended.message)
+            return
         self._session_id = msg.session_id
         self._log = self._log.bind(session_id=msg.session_id, client_id=msg.client_id)
         self._link.write(msg.registered)
         self._link.set_idle_timeout(msg.keepalive * 1.5)
+        self._seen_every = msg.keepalive / 2
+        self._next_seen = time.monotonic() + min(SEEN_INTERVAL, self._seen_every)
         self._link.resume_reading()
         held, self._held = self._held, []
         self._handle_items(held)
@@ -301,6 +329,11 @@ class Listener(LoopActor):
 
     def _items_active(self, items: list[Item], start: int) -> int:
         """The data path: every item becomes an op of one ordered `SessionOps` per read."""
+        # Presence: one clock read per read, a `Seen` at most once a second.
+        now = time.monotonic()
+        if now >= self._next_seen and self._session_id is not None:
+            self._next_seen = now + min(SEEN_INTERVAL, self._seen_every)
+            tell(self._session_manager, Seen(self._session_id, self._conn.conn_id, time.time()))
         ops: list[ClientFrame | Error] = []
         close = False
         for item in items[start:] if start else items:

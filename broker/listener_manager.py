@@ -16,8 +16,9 @@ from pykka import ActorRef
 
 from tether.broker.listener import CloseConnection, Listener
 from tether.broker.loop_actor import LoopActor, tell
-from tether.broker.messages import GetStats, ListenerClosed
+from tether.broker.messages import GetMetrics, GetStats, ListenerClosed
 from tether.broker.netedge import Connection, ConnectionHandler
+from tether.broker.sessions import BrokerDraining
 
 if TYPE_CHECKING:
     from tether.broker.sessions import SessionManager
@@ -94,6 +95,8 @@ class ListenerManager(LoopActor):
                     self._server.close()
                     self._server = None
                 self._drained = drained
+                # First, so that the disconnects that follow are told apart as the shutdown's.
+                tell(self._session_manager, BrokerDraining())
                 for ref in self._listeners.values():
                     tell(ref, CloseConnection())
                 if not self._listeners:
@@ -105,6 +108,11 @@ class ListenerManager(LoopActor):
                     self._drained.set()
             case GetStats():
                 return {"connections": len(self._listeners), "accepted": self.accepted}
+            case GetMetrics():
+                return {
+                    "connections_open": len(self._listeners),
+                    "connections_accepted": self.accepted,
+                }
             case _:
                 return super().on_receive(message)
         return None

@@ -214,7 +214,9 @@ class SubscriptionView:
     topic: str
     queued: int  # messages held for it, unacked included
     unacked: int
-    dropped: int  # over the session's life (overflow, connected or not)
+    # Overflow, connected or not, since this broker process loaded the session (a restart
+    # starts it from what the store still had to tell the client).
+    dropped: int
 
 
 # HTTP -> SessionManager (ask): a page of sessions sorted by client id, after `after` (exclusive),

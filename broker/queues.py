@@ -54,7 +54,9 @@ class SubscriptionQueue:
         "disk_pushed",
         "dropped_away",
         "dropped_live",
+        "dropped_noted",
         "dropped_seqs",
+        "dropped_total",
         "marked",
         "max_bytes",
         "max_count",
@@ -84,6 +86,10 @@ class SubscriptionQueue:
         self.redeliver_upto = 0
         self.dropped_live = 0  # overflow while connected, not yet told to the client
         self.dropped_away = 0  # overflow while disconnected, told in `registered.dropped`
+        # Overflow over the subscription's life (the fleet view), and how much of it the
+        # `$sys/sessions/dropped` events have already counted.
+        self.dropped_total = 0
+        self.dropped_noted = 0
         self.committed = NO_STORE  # the highest seq stored (sendable up to it)
         self.dropped_seqs: list[int] | None = None  # with a store: what `_make_room` dropped
         self.acked_upto = 0
@@ -166,6 +172,7 @@ class SubscriptionQueue:
             if self.dropped_seqs is not None:
                 self.dropped_seqs.append(oldest[0])
         if dropped:
+            self.dropped_total += dropped
             if connected:
                 self.dropped_live += dropped
             else:

@@ -39,7 +39,16 @@ class Session:
     health_details: dict[str, Any] | None = None
     previous_hash: bytes | None = None
     created: float = field(default_factory=time.time)
-    last_seen: float = field(default_factory=time.time)
+    last_seen: float = field(default_factory=time.time)  # the last frame read, or the last bind
+    # Presence, for the fleet view (`fleet_view.py`): set at each bind and each disconnect.
+    connected_since: float | None = None  # the current connection's bind
+    away_since: float | None = None  # the last disconnect (restored: the record's last_seen)
+    expires_at: float | None = None  # when the armed cleanup timer fires
+    health_at: float | None = None  # the last `ping` carrying status or details
+    admin: bool = False  # its user is marked admin (as of the last bind)
+    # Why the current connection is being closed by the broker ("disconnected_by_admin"),
+    # for the `disconnected` event its `ConnectionLost` then raises. Cleared at every bind.
+    close_reason: str | None = None
 
     def token_matches(self, token: str) -> bool:
         presented = token_hash(token)
@@ -80,6 +89,7 @@ class Session:
             previous_hash=record.previous_hash,
             created=record.created,
             last_seen=record.last_seen,
+            away_since=record.last_seen,
         )
 
 

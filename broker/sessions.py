@@ -1,33 +1,54 @@
 """SessionManager: creates, resumes, takes over and expires sessions; never waits on anyone.
 Connection epochs and cleanup-timer generations: docs/architecture.md section 9; a bind is
-committed (`_Bound`) before it is answered: section 6."""
+committed (`_Bound`) before it is answered: section 6.
+
+The fleet view (issue 11) is answered here too, from the sessions this actor owns: presence,
+pages and admin actions (`fleet_view.py` builds the views), and `GetMetrics`. Each cause in a
+session's life is logged and announced once (`session_events.py`: when, and what).
+
+Registrations are counted once each, by outcome: `new`, `resumed`, `taken_over` (a fresh
+`takeover=true` that replaced a live or away session, or a resume over a live connection: not
+counted as new or resumed too), `conflict`, `unknown_session`. A bind whose commit fails is
+counted in none of them.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from pykka import ActorRef
 
+from tether.broker import fleet_view
+from tether.broker.listener import CloseConnection
 from tether.broker.loop_actor import LoopActor, tell
 from tether.broker.messages import (
     Attach,
     ConnectionLost,
     ConnHandle,
     Detach,
+    DisconnectSession,
     DropSession,
     EndSession,
+    EndSessionByAdmin,
+    GetMetrics,
+    GetSession,
     Heartbeat,
+    ListSessions,
     OpenSession,
     RegisterRejected,
+    Seen,
+    SessionView,
     TakenOver,
     UsersChanged,
 )
+from tether.broker.session_events import Lifecycle
 from tether.broker.session_state import Cancellable, Session, log_store_error, new_session_id
 from tether.broker.store import (
     Batch,
@@ -54,6 +75,12 @@ class _Expire:
 
 
 @dataclass(frozen=True, slots=True)
+class BrokerDraining:
+    """ListenerManager -> SessionManager, on shutdown, before it closes the connections: the
+    disconnects that follow are the shutdown's (their events say `reason: shutdown`)."""
+
+
+@dataclass(frozen=True, slots=True)
 class _Bound:
     """The store's answer to a bind: `attach` may go out (error None) or must be refused."""
 
@@ -61,7 +88,12 @@ class _Bound:
     generation: int
     created: bool  # a new session (forgotten again if its record could not be stored)
     previous_conn: int | None  # the connection the bind replaced, if any
+    outcome: str  # the registration's outcome once granted: new, resumed, taken_over
     error: StoreError | None
+
+
+# Registration outcomes, each a `registrations_<outcome>` metric.
+_OUTCOMES = ("new", "resumed", "taken_over", "conflict", "unknown_session")
 
 
 class SessionManager(LoopActor):
@@ -77,25 +109,45 @@ class SessionManager(LoopActor):
         call_later: Callable[[float, Callable[[], None]], Cancellable] | None = None,
         store: Store | None = None,
         restored: Sequence[SessionRecord] = (),
+        clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__(loop, loop_thread)
         self._subscribers = subscriber_manager
         self._expiry = session_expiry
-        # Injectable so that tests can fire cleanup timers without waiting for them.
+        # Injectable so that tests can fire cleanup timers without waiting for them, and
+        # read presence at a time of their choosing.
         self._call_later = call_later or loop.call_later
+        self._clock = clock
+        self._lifecycle = Lifecycle(subscriber_manager, clock)  # its log lines and events
         self._store = store  # None: in memory only, nothing is written anywhere
         self._sessions: dict[str, Session] = {}
         self._by_client: dict[str, str] = {}
+        # The keys of `_by_client`, kept sorted (`_index`, `_unindex`) for the fleet view's
+        # pages: a query costs its page, not a sort of every session.
+        self._client_ids: list[str] = []
+        self._draining = False
+        self._outcomes = dict.fromkeys(_OUTCOMES, 0)
         # Sessions loaded from the store at start-up: all away, each with its full expiry.
         for record in restored:
-            session = Session.restored(record)
-            self._sessions[session.session_id] = session
-            self._by_client[session.client_id] = session.session_id
+            self._index(Session.restored(record))
+
+    def _index(self, session: Session) -> None:
+        self._sessions[session.session_id] = session
+        if session.client_id not in self._by_client:
+            bisect.insort(self._client_ids, session.client_id)
+        self._by_client[session.client_id] = session.session_id
+
+    def _unindex(self, session: Session) -> None:
+        self._sessions.pop(session.session_id, None)
+        if self._by_client.get(session.client_id) == session.session_id:
+            del self._by_client[session.client_id]
+            at = bisect.bisect_left(self._client_ids, session.client_id)
+            del self._client_ids[at]
 
     def on_start(self) -> None:
         if not self._sessions:
             return
-        now = time.time()
+        now = self._clock()
         for session in self._sessions.values():
             self._arm_timer(session)
         deadline = now + self._expiry
@@ -111,46 +163,20 @@ class SessionManager(LoopActor):
 
     def on_receive(self, message: object) -> object:
         match message:
+            case Seen(session_id, conn_id, at):
+                session = self._current(session_id, conn_id)
+                if session is not None and at > session.last_seen:
+                    session.last_seen = at
             case OpenSession():
                 self._on_open(message)
             case ConnectionLost(session_id, conn_id):
                 session = self._current(session_id, conn_id)
                 if session is not None:
-                    session.conn = None
-                    session.last_seen = now = time.time()
-                    self._arm_timer(session)
-                    tell(self._subscribers, Detach(session_id, conn_id))
-                    self._write((Touch(session_id, now, now + self._expiry),), "disconnected")
-                    _log.info(
-                        "session_disconnected",
-                        session_id=session_id,
-                        client_id=session.client_id,
-                        expires_in=self._expiry,
-                    )
+                    self._on_lost(session)
             case Heartbeat(session_id, conn_id, status, details):
                 session = self._current(session_id, conn_id)
                 if session is not None:
-                    session.last_seen = time.time()
-                    if status is not None and status != session.health:
-                        _log.info(
-                            "session_health",
-                            session_id=session_id,
-                            client_id=session.client_id,
-                            status=status,
-                            was=session.health,
-                        )
-                    changed = (status is not None and status != session.health) or (
-                        details is not None and details != session.health_details
-                    )
-                    if status is not None:
-                        session.health = status
-                    if details is not None:
-                        session.health_details = details
-                    if changed:
-                        self._write(
-                            (SetHealth(session_id, session.health, session.health_details),),
-                            "health",
-                        )
+                    self._on_heartbeat(session, status, details)
             case EndSession(session_id, conn_id):
                 session = self._current(session_id, conn_id)
                 if session is not None:
@@ -168,9 +194,123 @@ class SessionManager(LoopActor):
                 self._on_bound(message)
             case UsersChanged(valid_after):
                 self._on_users_changed(valid_after)
+            case ListSessions():
+                return fleet_view.page(
+                    self._client_ids, self._by_client_id, message, self._clock(), self._expiry
+                )
+            case GetSession(client_id):
+                return self._view(client_id)
+            case DisconnectSession(client_id):
+                return self._disconnect(client_id)
+            case EndSessionByAdmin(client_id):
+                return self._end_by_admin(client_id)
+            case GetMetrics():
+                return self._metrics()
+            case BrokerDraining():
+                self._draining = True
             case _:
                 return super().on_receive(message)
         return None
+
+    # --- the fleet view -------------------------------------------------------------------
+
+    def _by_client_id(self, client_id: str) -> Session:
+        return self._sessions[self._by_client[client_id]]
+
+    def _view(self, client_id: str) -> SessionView | None:
+        session_id = self._by_client.get(client_id)
+        if session_id is None:
+            return None
+        return fleet_view.session_view(self._sessions[session_id], self._clock(), self._expiry)
+
+    def _disconnect(self, client_id: str) -> SessionView | None:
+        """Close the session's connection without an error frame; its `ConnectionLost` then
+        makes it linger as after any disconnect (event reason `disconnected_by_admin`)."""
+        view = self._view(client_id)
+        if view is None:
+            return None
+        session = self._by_client_id(client_id)
+        if session.conn is not None:
+            session.close_reason = "disconnected_by_admin"
+            tell(session.conn.ref, CloseConnection("disconnected_by_admin"))
+        _log.info(
+            "session_disconnect_requested",
+            session_id=session.session_id,
+            client_id=client_id,
+            connected=session.conn is not None,
+        )
+        return view
+
+    def _end_by_admin(self, client_id: str) -> SessionView | None:
+        view = self._view(client_id)
+        if view is None:
+            return None
+        session = self._by_client_id(client_id)
+        if session.conn is not None:
+            tell(
+                session.conn.ref,
+                TakenOver(
+                    session.session_id,
+                    ErrorCode.SESSION_ENDED,
+                    "the broker's operator ended this session",
+                ),
+            )
+        self._remove(session, "ended_by_admin")
+        return view
+
+    def _metrics(self) -> dict[str, int]:
+        online = fleet_view.count_online(self._sessions.values(), self._clock())
+        metrics = {
+            "sessions_online": online,
+            "sessions_away": len(self._sessions) - online,
+        }
+        for outcome, count in self._outcomes.items():
+            metrics[f"registrations_{outcome}"] = count
+        return metrics
+
+    def _reject(self, conn: ConnHandle, req: int, code: ErrorCode, text: str) -> None:
+        if code is ErrorCode.CONFLICT:
+            self._outcomes["conflict"] += 1
+        elif code is ErrorCode.UNKNOWN_SESSION:
+            self._outcomes["unknown_session"] += 1
+        tell(conn.ref, RegisterRejected(req, code, text))
+
+    # --- sessions' lives ------------------------------------------------------------------
+
+    def _on_lost(self, session: Session) -> None:
+        assert session.conn is not None
+        conn = session.conn
+        session.conn = None
+        now = self._clock()
+        session.away_since = now
+        self._arm_timer(session)
+        tell(self._subscribers, Detach(session.session_id, conn.conn_id))
+        self._write(
+            (Touch(session.session_id, session.last_seen, now + self._expiry),), "disconnected"
+        )
+        reason = session.close_reason or ("shutdown" if self._draining else "connection_lost")
+        session.close_reason = None
+        self._lifecycle.disconnected(session, conn.peer, reason, self._expiry)
+
+    def _on_heartbeat(
+        self, session: Session, status: str | None, details: dict[str, Any] | None
+    ) -> None:
+        session.last_seen = session.health_at = self._clock()
+        was = session.health
+        changed = (status is not None and status != was) or (
+            details is not None and details != session.health_details
+        )
+        if status is not None:
+            session.health = status
+        if details is not None:
+            session.health_details = details
+        if changed:
+            self._write(
+                (SetHealth(session.session_id, session.health, session.health_details),),
+                "health",
+            )
+        if status is not None and status != was:
+            self._lifecycle.health(session, was)
 
     def _current(self, session_id: str, conn_id: int) -> Session | None:
         session = self._sessions.get(session_id)
@@ -181,14 +321,14 @@ class SessionManager(LoopActor):
     def _on_open(self, msg: OpenSession) -> None:
         frame = msg.frame
         if frame.session_id is not None:
-            self._resume(frame, msg.conn)
+            self._resume(frame, msg.conn, msg.admin)
         elif msg.authenticated:
-            self._create(frame, msg.conn)
+            self._create(frame, msg.conn, msg.admin)
         else:
             # Only the supervisor opens sessions; a fresh one it did not authenticate is a bug.
             raise RuntimeError("fresh registration reached the SessionManager unauthenticated")
 
-    def _resume(self, frame: Register, conn: ConnHandle) -> None:
+    def _resume(self, frame: Register, conn: ConnHandle, admin: bool) -> None:
         assert frame.session_id is not None and frame.resume_token is not None
         session = self._sessions.get(frame.session_id)
         if (
@@ -197,23 +337,18 @@ class SessionManager(LoopActor):
             or session.username != frame.username
             or not session.token_matches(frame.resume_token)
         ):
-            tell(
-                conn.ref,
-                RegisterRejected(
-                    frame.req,
-                    ErrorCode.UNKNOWN_SESSION,
-                    "no such session (expired, ended, or wrong token): register afresh",
-                ),
+            self._reject(
+                conn,
+                frame.req,
+                ErrorCode.UNKNOWN_SESSION,
+                "no such session (expired, ended, or wrong token): register afresh",
             )
             return
+        outcome = "resumed"
         if session.conn is not None:
             tell(session.conn.ref, TakenOver(session.session_id))
-            _log.info(
-                "session_taken_over",
-                session_id=session.session_id,
-                client_id=session.client_id,
-                by="resume",
-            )
+            self._lifecycle.taken_over(session, conn.peer, by="resume")
+            outcome = "taken_over"
         previous_conn = session.conn.conn_id if session.conn is not None else None
         session.keepalive = frame.keepalive
         if frame.metadata:
@@ -221,7 +356,10 @@ class SessionManager(LoopActor):
         # The token just shown stays good until the client shows the new one: if this
         # `registered` is lost with the connection, the client can still come back.
         session.previous_hash = token_hash(frame.resume_token)
-        self._bind(session, conn, resumed=True, req=frame.req, previous_conn=previous_conn)
+        session.admin = admin
+        self._bind(
+            session, conn, resumed=True, outcome=outcome, req=frame.req, previous_conn=previous_conn
+        )
 
     def _on_users_changed(self, valid_after: Mapping[str, float | None]) -> None:
         """End the sessions of users removed from the users file, and those created before
@@ -249,40 +387,33 @@ class SessionManager(LoopActor):
                 )
             self._remove(session, reason)
 
-    def _create(self, frame: Register, conn: ConnHandle) -> None:
+    def _create(self, frame: Register, conn: ConnHandle, admin: bool) -> None:
+        outcome = "new"
         existing_id = self._by_client.get(frame.client_id)
         if existing_id is not None:
             existing = self._sessions[existing_id]
             if existing.username != frame.username:
-                tell(
-                    conn.ref,
-                    RegisterRejected(
-                        frame.req,
-                        ErrorCode.CONFLICT,
-                        f"client_id {frame.client_id!r} belongs to another user's session",
-                    ),
+                self._reject(
+                    conn,
+                    frame.req,
+                    ErrorCode.CONFLICT,
+                    f"client_id {frame.client_id!r} belongs to another user's session",
                 )
                 return
             if not frame.takeover:
-                tell(
-                    conn.ref,
-                    RegisterRejected(
-                        frame.req,
-                        ErrorCode.CONFLICT,
-                        f"client_id {frame.client_id!r} already has a session: resume it with its "
-                        "session_id and resume_token, or register with takeover=true to end it",
-                    ),
+                self._reject(
+                    conn,
+                    frame.req,
+                    ErrorCode.CONFLICT,
+                    f"client_id {frame.client_id!r} already has a session: resume it with its "
+                    "session_id and resume_token, or register with takeover=true to end it",
                 )
                 return
             if existing.conn is not None:
                 tell(existing.conn.ref, TakenOver(existing.session_id))
-            _log.info(
-                "session_taken_over",
-                session_id=existing.session_id,
-                client_id=existing.client_id,
-                by="takeover",
-            )
+            self._lifecycle.taken_over(existing, conn.peer, by="takeover")
             self._remove(existing, "taken_over")
+            outcome = "taken_over"
         session = Session(
             session_id=new_session_id(),
             client_id=frame.client_id,
@@ -291,10 +422,10 @@ class SessionManager(LoopActor):
             keepalive=frame.keepalive,
             metadata=frame.metadata,
             conn=None,
+            admin=admin,
         )
-        self._sessions[session.session_id] = session
-        self._by_client[session.client_id] = session.session_id
-        self._bind(session, conn, resumed=False, req=frame.req)
+        self._index(session)
+        self._bind(session, conn, resumed=False, outcome=outcome, req=frame.req)
 
     def _bind(
         self,
@@ -302,6 +433,7 @@ class SessionManager(LoopActor):
         conn: ConnHandle,
         *,
         resumed: bool,
+        outcome: str,
         req: int,
         previous_conn: int | None = None,
     ) -> None:
@@ -310,7 +442,9 @@ class SessionManager(LoopActor):
             session.timer = None
         session.generation += 1
         session.conn = conn
-        session.last_seen = time.time()
+        session.last_seen = session.connected_since = self._clock()
+        session.away_since = session.expires_at = None
+        session.close_reason = None
         # A new token at every bind; with `previous_hash`, at most two are ever good.
         token = secrets.token_urlsafe(24)
         session.token_hash = token_hash(token)
@@ -323,28 +457,30 @@ class SessionManager(LoopActor):
             resumed=resumed,
             keepalive=session.keepalive,
             expiry=round(self._expiry),
+            username=session.username,
+            admin=session.admin,
         )
         if self._store is None:
-            tell(self._subscribers, attach)
+            self._granted(session, attach, outcome)
+            return
+        # `registered` (and the token in it) goes out once the store has the token.
+        # The whole record: a resume may change keepalive and metadata besides the tokens.
+        batch: Batch = (PutSession(session.record(None)),)
+        ref, generation = self.actor_ref, session.generation
+
+        def done(error: StoreError | None) -> None:
+            tell(ref, _Bound(attach, generation, not resumed, previous_conn, outcome, error))
+
+        self._store.submit(batch, done)
+
+    def _granted(self, session: Session, attach: Attach, outcome: str) -> None:
+        """The bind holds (committed, with a store): answer it, count it, announce it."""
+        tell(self._subscribers, attach)
+        self._outcomes[outcome] += 1
+        if attach.resumed:
+            self._lifecycle.resumed(session, attach.conn.peer)
         else:
-            # `registered` (and the token in it) goes out once the store has the token.
-            # The whole record: a resume may change keepalive and metadata besides the tokens.
-            batch: Batch = (PutSession(session.record(None)),)
-            ref, generation = self.actor_ref, session.generation
-
-            def done(error: StoreError | None) -> None:
-                tell(ref, _Bound(attach, generation, not resumed, previous_conn, error))
-
-            self._store.submit(batch, done)
-        _log.info(
-            "session_resumed" if resumed else "session_registered",
-            session_id=session.session_id,
-            client_id=session.client_id,
-            username=session.username,
-            peer=conn.peer,
-            keepalive=session.keepalive,
-            metadata=session.metadata or None,
-        )
+            self._lifecycle.registered(session, attach.conn.peer)
 
     def _on_bound(self, msg: _Bound) -> None:
         attach = msg.attach
@@ -356,17 +492,16 @@ class SessionManager(LoopActor):
             and session.conn.conn_id == attach.conn.conn_id
         )
         if msg.error is None and current:
-            tell(self._subscribers, attach)
+            assert session is not None
+            self._granted(session, attach, msg.outcome)
             return
         if msg.error is None:
             # Overtaken while it was being stored: a newer bind (or an end) won.
-            tell(
-                attach.conn.ref,
-                RegisterRejected(
-                    attach.req,
-                    ErrorCode.UNKNOWN_SESSION,
-                    "the session was taken over or ended while this registration was stored",
-                ),
+            self._reject(
+                attach.conn,
+                attach.req,
+                ErrorCode.UNKNOWN_SESSION,
+                "the session was taken over or ended while this registration was stored",
             )
             return
         _log.warning(
@@ -375,24 +510,21 @@ class SessionManager(LoopActor):
             client_id=attach.client_id,
             error=str(msg.error),
         )
-        tell(
-            attach.conn.ref,
-            RegisterRejected(
-                attach.req,
-                ErrorCode.UNAVAILABLE,
-                f"the broker could not store the session ({msg.error}): try again",
-            ),
+        self._reject(
+            attach.conn,
+            attach.req,
+            ErrorCode.UNAVAILABLE,
+            f"the broker could not store the session ({msg.error}): try again",
         )
         if session is None or not current:
             return
         session.conn = None
         if msg.created:
             # Nothing of it was stored, and nobody else knows it.
-            self._sessions.pop(session.session_id, None)
-            if self._by_client.get(session.client_id) == session.session_id:
-                del self._by_client[session.client_id]
+            self._unindex(session)
             return
         # A resume: the token shown (now `previous_hash`) stays good; the session is away.
+        session.away_since = self._clock()
         if msg.previous_conn is not None:
             tell(self._subscribers, Detach(session.session_id, msg.previous_conn))
         self._arm_timer(session)
@@ -407,20 +539,14 @@ class SessionManager(LoopActor):
         def fire() -> None:
             tell(ref, expire)
 
+        session.expires_at = self._clock() + self._expiry
         session.timer = self._call_later(self._expiry, fire)
 
     def _remove(self, session: Session, reason: str, *, drop_queues: bool = True) -> None:
         if session.timer is not None:
             session.timer.cancel()
             session.timer = None
-        self._sessions.pop(session.session_id, None)
-        if self._by_client.get(session.client_id) == session.session_id:
-            del self._by_client[session.client_id]
+        self._unindex(session)
         if drop_queues:
             tell(self._subscribers, DropSession(session.session_id, reason))
-        _log.info(
-            "session_ended",
-            session_id=session.session_id,
-            client_id=session.client_id,
-            reason=reason,
-        )
+        self._lifecycle.ended(session, reason)

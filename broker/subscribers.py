@@ -1,6 +1,8 @@
 """SubscriberManager: the actor that owns the data path and the broker's counters. It routes
 each connection's frames, in order, to the fan-out, the held publishers and the delivery step,
 and, with a store, to the journal (journal.py). See docs/architecture.md sections 2, 7 and 15.
+It also publishes the broker's own events on `$sys/sessions/...` and answers the fleet view's
+questions (sysevents.py).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from dataclasses import dataclass, replace
 import structlog
 
 from tether.broker import passwords
-from tether.broker.delivery import take_within
+from tether.broker.delivery import Tally, take_within
 from tether.broker.fanout import Fanout, SessionSubs
 from tether.broker.held import HeldPublishers
 from tether.broker.journal import (
@@ -33,10 +35,13 @@ from tether.broker.messages import (
     Credit,
     Detach,
     DropSession,
+    GetMetrics,
     GetStats,
+    GetSubscriptions,
     Outbound,
     SessionAttached,
     SessionOps,
+    SysEvent,
     Throttle,
 )
 from tether.broker.store import Ack as StoreAck
@@ -50,6 +55,15 @@ from tether.broker.store import (
 )
 from tether.broker.store import Subscribe as StoreSubscribe
 from tether.broker.store import Unsubscribe as StoreUnsubscribe
+from tether.broker.sysevents import (
+    DROP_INTERVAL,
+    SYS_PREFIX,
+    DropsDue,
+    SysEvents,
+    metrics,
+    not_authorized,
+    subscription_views,
+)
 from tether.protocol import (
     Ack,
     Error,
@@ -110,6 +124,8 @@ class SubscriberManager(LoopActor):
         self._held_conns = self._held.conn_ids
         self._delivered = 0
         self._expired = 0
+        self._acked = 0
+        self._tally = Tally()  # redeliveries, counted by the delivery step
         # None: in memory only, nothing is written anywhere.
         self._journal: Journal | None = None
         if store is not None:
@@ -125,6 +141,9 @@ class SubscriberManager(LoopActor):
                 commit_backlog=commit_backlog,
             )
             self._journal.restore(restored_sessions, restored_subscriptions)
+        self._events = SysEvents(
+            self._fanout, journal=self._journal, flush=self._flush, arm=self._arm_drops
+        )
 
     def on_stop(self) -> None:
         if self._journal is not None:
@@ -162,8 +181,22 @@ class SubscriberManager(LoopActor):
                 subs = self._fanout.sessions.get(session_id)
                 if subs is not None and subs.conn is not None:
                     self._flush((subs,))
+            case SysEvent(event, fields, at):
+                self._events.publish(event, fields, at)
+            case DropsDue():
+                self._events.drops_due(message)
             case GetStats():
                 return self._counters()
+            case GetMetrics():
+                return metrics(
+                    self._fanout,
+                    delivered=self._delivered,
+                    redelivered=self._tally.redelivered,
+                    acked=self._acked,
+                    expired=self._expired,
+                )
+            case GetSubscriptions(session_ids):
+                return subscription_views(self._fanout, session_ids)
             case _:
                 return super().on_receive(message)
         return None
@@ -200,6 +233,8 @@ class SubscriberManager(LoopActor):
         elif subs.conn is not None:
             # Resumed over a connection that is still open: it has been told `taken_over`.
             self._detach(subs)
+        subs.username, subs.admin = msg.username, msg.admin
+        self._events.revoke(subs)  # `$sys/...` only while its user is admin
         queued = sum(len(q) for q in subs.queues.values())
         dropped = sum(q.dropped_away for q in subs.queues.values())
         for q in subs.queues.values():
@@ -283,6 +318,10 @@ class SubscriberManager(LoopActor):
         ref, over = self.actor_ref, _WaitOver(conn_id, token)
         self.loop.call_later(self._publish_wait, lambda: tell(ref, over))
 
+    def _arm_drops(self, session_id: str, topic: str) -> None:
+        ref, due = self.actor_ref, DropsDue(session_id, topic)
+        self.loop.call_later(DROP_INTERVAL, lambda: tell(ref, due))
+
     def _process(self, msg: SessionOps, *, force: bool) -> tuple[SessionOps | None, set[str]]:
         """Handle a batch in order. Returns the ops not taken, from the first publish that did
         not fit a live subscriber's queue (None when all were), and the topics whose queues
@@ -300,6 +339,9 @@ class SubscriberManager(LoopActor):
         close = msg.close
         ended = False
         ops = msg.ops
+        # Topics whose publishes pushed older messages out: one check per run, not per message.
+        dropped = fanout.dropped
+        overflowed: list[str] = []
         # With a store: what this batch writes, in order (Appends merged per queue).
         writes: list[StoreOp | Run] = []
         pending = Pending(msg.conn, replies)
@@ -318,6 +360,9 @@ class SubscriberManager(LoopActor):
                     run.append(following)
                     end += 1
                 taken = fanout.publish_many(op.topic, run, touched, force=force)
+                if fanout.dropped != dropped:
+                    dropped = fanout.dropped
+                    overflowed.append(op.topic)
                 if journal is not None:
                     # An `ok` rests on the commit: its req until then.
                     replies += [p.req for p in run[:taken] if p.req is not None]
@@ -340,13 +385,17 @@ class SubscriberManager(LoopActor):
                     continue
                 case Ack(topic=topic, seq=seq):
                     q = subs.queues.get(topic)
-                    if q is not None and q.ack(seq):
+                    if q is not None and (removed := q.ack(seq)):
+                        self._acked += removed
                         # The delivery window and the queue have room again.
                         touched[msg.session_id] = subs
                         freed.add(topic)
                         if journal is not None:
                             writes.append(StoreAck(msg.session_id, topic, q.acked_upto))
                 case Subscribe(req=req, topic=topic):
+                    if not subs.admin and topic.startswith(SYS_PREFIX):
+                        replies.append(encode(not_authorized(req)))
+                        continue
                     made = fanout.subscribe(subs, topic)
                     if journal is not None and made is not None:
                         writes.append(StoreSubscribe(msg.session_id, topic, made.next_seq))
@@ -383,6 +432,8 @@ class SubscriberManager(LoopActor):
             data = b"".join(replies)  # type: ignore[arg-type]  # all bytes in memory mode
             tell(msg.conn.ref, Outbound(data, close=close, session_ended=ended))
         self._flush(touched.values())
+        if overflowed:
+            self._events.note_drops(overflowed)
         return rest, freed
 
     def _flush(self, sessions: Iterable[SessionSubs]) -> None:
@@ -391,7 +442,7 @@ class SubscriberManager(LoopActor):
             conn = subs.conn
             if conn is None:
                 continue
-            chunks, sent, credit, told = take_within(subs.queues.values(), subs.credit)
+            chunks, sent, credit, told = take_within(subs.queues.values(), subs.credit, self._tally)
             if self._journal is not None:
                 self._journal.page_in(subs)
             if told is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -20,6 +21,7 @@ from tether.broker import passwords
 from tether.broker.loop_actor import LoopActor, tell
 from tether.broker.messages import (
     ConnHandle,
+    GetMetrics,
     GetStats,
     OpenSession,
     RegisterRejected,
@@ -75,7 +77,10 @@ class BrokerSupervisor(LoopActor):
         auth_workers: int,
         limiter: FailureLimiter,
         failure_penalty: float = 1.0,
+        observe_check: Callable[[float], None] | None = None,
     ) -> None:
+        """`observe_check` is called (on the auth pool's thread) with the duration in
+        seconds of each password check: the /metrics histogram's `observe`."""
         super().__init__(loop, loop_thread)
         self._users = users
         self._unknown_user_cost = _usual_cost(users)
@@ -84,9 +89,14 @@ class BrokerSupervisor(LoopActor):
         self._pool = ThreadPoolExecutor(max_workers=auth_workers, thread_name_prefix="tether-auth")
         self._penalty = failure_penalty
         self._in_flight: dict[str, int] = {}  # address -> checks under way
+        self._observe_check = observe_check
         self.auth_ok = 0
-        self.auth_failed = 0
+        self.auth_failed = 0  # failed checks (some of them answered rate_limited)
         self.rate_limited = 0
+        self.password_checks = 0  # checks done (bcrypt), whatever their outcome
+        # Registrations answered `auth_failed` (GetMetrics: one outcome per registration,
+        # so a failure answered `rate_limited` after the penalty counts as that only).
+        self.refused_auth_failed = 0
 
     def on_stop(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -95,7 +105,8 @@ class BrokerSupervisor(LoopActor):
         match message:
             case RegisterRequest(frame=frame, conn=conn):
                 if frame.session_id is not None:
-                    tell(self._sessions, OpenSession(frame, conn, authenticated=False))
+                    admin = self._users.is_admin(frame.username)
+                    tell(self._sessions, OpenSession(frame, conn, authenticated=False, admin=admin))
                     return None
                 address = _peer_address(conn.peer)
                 blocked = self._limiter.blocked(address, time.monotonic())
@@ -107,6 +118,7 @@ class BrokerSupervisor(LoopActor):
                 self._verify(message)
             case _AuthDone(request=request, ok=ok, checked=checked, reason=reason):
                 frame, conn = request.frame, request.conn
+                self.password_checks += 1
                 if ok and self._users.lookup(frame.username) != checked:
                     # The users file was reloaded during the check: the user is gone, or the
                     # password it matched is no longer theirs.
@@ -119,7 +131,8 @@ class BrokerSupervisor(LoopActor):
                     # Never throttled: a fleet behind one NAT address keeps logging in while
                     # one of its devices has a wrong password.
                     self.auth_ok += 1
-                    tell(self._sessions, OpenSession(frame, conn, authenticated=True))
+                    admin = self._users.is_admin(frame.username)
+                    tell(self._sessions, OpenSession(frame, conn, authenticated=True, admin=admin))
                     return None
                 self.auth_failed += 1
                 now = time.monotonic()
@@ -137,6 +150,7 @@ class BrokerSupervisor(LoopActor):
                     # Slowed: a guesser past the limit waits for every wrong answer.
                     self.loop.call_later(self._penalty, self._refuse, frame.req, conn)
                 else:
+                    self.refused_auth_failed += 1
                     tell(
                         conn.ref,
                         RegisterRejected(
@@ -151,6 +165,12 @@ class BrokerSupervisor(LoopActor):
                     "auth_ok": self.auth_ok,
                     "auth_failed": self.auth_failed,
                     "rate_limited": self.rate_limited,
+                }
+            case GetMetrics():
+                return {
+                    "registrations_auth_failed": self.refused_auth_failed,
+                    "registrations_rate_limited": self.rate_limited,
+                    "password_checks": self.password_checks,
                 }
             case _:
                 return super().on_receive(message)
@@ -205,12 +225,22 @@ class BrokerSupervisor(LoopActor):
         password = frame.password or ""
         ref = self.actor_ref
         unknown_cost = self._unknown_user_cost
+        observe = self._observe_check
 
-        def check() -> bool:
+        def verify() -> bool:
             if stored is None:
                 # Same cost as a wrong password: an unknown name must not be told apart by time.
                 return passwords.verify_unknown_user(password, cost=unknown_cost)
             return passwords.verify_password(password, stored)
+
+        def check() -> bool:
+            if observe is None:
+                return verify()
+            started = time.perf_counter()
+            try:
+                return verify()
+            finally:
+                observe(time.perf_counter() - started)
 
         def done(future: Future[bool]) -> None:
             exc = future.exception()

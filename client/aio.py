@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, ParamSpec
 
 from . import events as ev
-from .errors import ClientClosed, ConnectionFailed, TetherError, Timeout
+from .errors import ClientClosed, ConnectionFailed, Rejected, TetherError, Timeout
 from .frontend import (
     END,
     STOP,
@@ -201,7 +201,12 @@ class AsyncClient(FrontEnd):
         self._inbox.put_nowait(Claim(topic, sub))
         self._schedule_flush()
         if future is not None:
-            await self._wait(future, req, f"subscribe to {topic!r}")
+            try:
+                await self._wait(future, req, f"subscribe to {topic!r}")
+            except Rejected:
+                # Refused (`not_authorized`...): nothing will come, so the iteration ends.
+                self._inbox.put_nowait(Cancel(topic))
+                raise
         return sub
 
     async def unsubscribe(self, topic: str, *, wait: bool = True) -> None:

@@ -9,6 +9,7 @@ __all__ = [
     "AuthFailed",
     "ClientClosed",
     "ConnectionFailed",
+    "NotAuthorized",
     "PayloadTooLarge",
     "Rejected",
     "SessionEnded",
@@ -18,6 +19,7 @@ __all__ = [
     "TakenOver",
     "TetherError",
     "Timeout",
+    "rejection",
 ]
 
 
@@ -68,6 +70,23 @@ class AuthFailed(Rejected):
             "the users file the broker was started with (--users); it picks up a change to "
             "that file within a second",
         )
+
+
+class NotAuthorized(Rejected):
+    """The broker refused a request this user may not make (`not_authorized`): today a
+    `subscribe` to a `$sys/...` topic by a user not marked admin. Nothing was done; the
+    connection and the session go on."""
+
+    def __init__(self, broker_message: str) -> None:
+        super().__init__(ErrorCode.NOT_AUTHORIZED, broker_message)
+
+
+def rejection(code: str, broker_message: str) -> Rejected:
+    """The error for a request the broker answered with `error` `code`: the most specific
+    `Rejected` the client has for it."""
+    if code == ErrorCode.NOT_AUTHORIZED:
+        return NotAuthorized(broker_message)
+    return Rejected(code, broker_message)
 
 
 class PayloadTooLarge(TetherError, ValueError):
@@ -168,4 +187,6 @@ _HINTS: dict[str, str] = {
     ErrorCode.NOT_REGISTERED: "the connection was not registered yet; this is a client bug, please "
     "report it",
     ErrorCode.UNKNOWN_SESSION: "the session is gone; the client registers afresh by itself",
+    ErrorCode.NOT_AUTHORIZED: "only users marked admin (tether user add NAME --admin) may "
+    "subscribe to $sys topics; the broker's users file decides",
 }

@@ -20,6 +20,7 @@ from .errors import (
     Rejected,
     TetherError,
     Timeout,
+    rejection,
 )
 from .events import Message
 from .log import get_logger
@@ -299,7 +300,7 @@ class FrontEnd:
             return _bind(o.on_taken_over, item.error)
         if isinstance(item, ev.BrokerError):
             self._log.warning("broker_error", code=item.code, message=item.message)
-            return _bind(o.on_error, Rejected(item.code, item.message))
+            return _bind(o.on_error, rejection(item.code, item.message))
         if isinstance(item, ev.Refused):
             self._log.warning("publish_refused", error=str(item.error))
             return _bind(o.on_error, item.error)

@@ -86,6 +86,7 @@ from .errors import (
     SessionEnded,
     TakenOver,
     TetherError,
+    rejection,
 )
 from .errors import SessionLost as SessionLostError
 from .state import SavedState
@@ -713,7 +714,7 @@ class ClientMachine:
             if p.kind is _Kind.RESUBSCRIBE:
                 events.append(ev.BrokerError(code, f.message))
             else:
-                events.append(ev.RequestFailed(req, Rejected(code, f.message)))
+                events.append(ev.RequestFailed(req, rejection(code, f.message)))
             return
         if code in (ErrorCode.TAKEN_OVER, ErrorCode.SESSION_ENDED):
             # Both mean the session is not ours any more: stop, never reconnect.

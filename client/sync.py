@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from . import events as ev
-from .errors import ClientClosed, ConnectionFailed, Timeout
+from .errors import ClientClosed, ConnectionFailed, Rejected, Timeout
 from .frontend import (
     END,
     STOP,
@@ -220,7 +220,12 @@ class Client(FrontEnd):
             self._inbox.put(Claim(topic, sub))
             self._cond.notify_all()
         if waiter is not None:
-            self._wait(waiter, req, f"subscribe to {topic!r}")
+            try:
+                self._wait(waiter, req, f"subscribe to {topic!r}")
+            except Rejected:
+                # Refused (`not_authorized`...): nothing will come, so the iteration ends.
+                self._inbox.put(Cancel(topic))
+                raise
         return sub
 
     def unsubscribe(self, topic: str, *, wait: bool = True) -> None:

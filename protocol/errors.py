@@ -34,6 +34,8 @@ class ErrorCode(enum.StrEnum):
     UNAVAILABLE = "unavailable"
     # The broker ended the session (its user was removed, or its sessions were revoked): fatal.
     SESSION_ENDED = "session_ended"
+    # A `subscribe` to `$sys/...` from a user not marked admin: not done; not fatal.
+    NOT_AUTHORIZED = "not_authorized"
 
 
 # After one of these the broker closes the connection: the byte stream can no longer be

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from tether.broker.listener import Listener, State
+from tether.broker import listener as listener_module
+from tether.broker.listener import CloseConnection, Listener, State
 from tether.broker.messages import (
     ConnectionLost,
     ConnHandle,
@@ -26,6 +28,7 @@ from tether.broker.messages import (
     Outbound,
     RegisterRejected,
     RegisterRequest,
+    Seen,
     SessionAttached,
     SessionOps,
     TakenOver,
@@ -466,3 +469,76 @@ def test_closed_while_registering_then_rejected_just_finishes(h: Harness) -> Non
     assert h.sessions.messages == []
     assert h.link.take() == []
     assert not h.ref.is_alive()
+
+
+# --- presence (issue 11) ----------------------------------------------------------------------
+
+
+def test_reads_once_active_report_seen_at_most_once_per_interval(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(listener_module, "SEEN_INTERVAL", 0.0)
+    h = Harness()
+    try:
+        h.register()
+        h.read(Ping(req=5))  # held while registering: no `Seen` before the session exists
+        assert h.sessions.messages == []
+        h.attach()
+        h.link.take()
+        h.subscribers.take()
+        h.sessions.take()
+        before = time.time()
+        h.read(Publish(topic="t", payload=b"1"), Publish(topic="t", payload=b"2"), Ping(req=2))
+        [seen] = h.sessions.take()  # one per read, not one per frame
+        assert isinstance(seen, Seen)
+        assert (seen.session_id, seen.conn_id) == (SESSION, CONN_ID)
+        assert before <= seen.at <= time.time()
+        monkeypatch.setattr(listener_module, "SEEN_INTERVAL", 3600.0)
+        h.read(Ping(req=3))  # the interval set by the last `Seen` (0 s) is over
+        assert [type(m) for m in h.sessions.take()] == [Seen]
+        h.read(Ping(req=4))
+        h.read(Ack(topic="t", seq=1))
+        assert h.sessions.messages == []  # within the interval now
+        assert len(ops_of(h.subscribers.take())) == 4  # every read went on, Seen or not
+    finally:
+        h.close()
+
+
+def test_an_operators_disconnect_closes_without_an_error_and_reports_the_session_lost(
+    h: Harness,
+) -> None:
+    h.activate()
+    h.tell(CloseConnection("disconnected_by_admin"))
+    assert h.link.take() == [("close",)]  # no error frame: nothing went wrong with the client
+    h.listener.on_closed(None)
+    h.settle()
+    assert h.sessions.take() == [ConnectionLost(SESSION, CONN_ID)]
+    assert h.listeners.take() == [ListenerClosed(CONN_ID)]
+
+
+def test_a_session_ended_before_its_grant_arrives_never_goes_live(h: Harness) -> None:
+    h.register(Subscribe(req=2, topic="t"))
+    h.link.take()
+    # The SessionManager bound the session to this connection, then an operator ended it:
+    # its `TakenOver` overtakes the SubscriberManager's `SessionAttached`.
+    h.tell(TakenOver(SESSION, ErrorCode.SESSION_ENDED, "the broker's operator ended it"))
+    assert h.link.take() == []
+    h.attach()
+    events = h.link.take()
+    assert errors(events) == [(None, ErrorCode.SESSION_ENDED)]
+    assert not any(e[0] == "write" and isinstance(e[1], Registered) for e in events)
+    assert events[-1] == ("close",)
+    assert h.subscribers.messages == []  # the held subscribe is dropped
+    h.listener.on_closed(None)
+    h.settle()
+    assert h.sessions.messages == []  # the session is gone: nothing to report lost
+
+
+def test_an_early_end_is_forgotten_when_the_registration_is_rejected(h: Harness) -> None:
+    h.register()
+    h.tell(TakenOver(SESSION, ErrorCode.SESSION_ENDED, "ended"))
+    h.tell(RegisterRejected(1, ErrorCode.UNKNOWN_SESSION, "ended while stored"))
+    h.register(req=2)
+    h.attach()
+    assert h.listener.state is State.ACTIVE
+    assert [e[1] for e in h.link.take() if e[0] == "write" and isinstance(e[1], Registered)]

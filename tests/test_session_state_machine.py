@@ -57,6 +57,7 @@ from tether.broker.messages import (
     Credit,
     EndSession,
     GetStats,
+    ListSessions,
     OpenSession,
     Outbound,
     RegisterRejected,
@@ -995,3 +996,36 @@ class SessionMachine(RuleBasedStateMachine):
 
 SessionMachine.TestCase.settings = settings(max_examples=50, stateful_step_count=30, deadline=None)
 TestSessionStateMachine = SessionMachine.TestCase
+
+
+# --- the fleet view over the same steps (issue 11) -------------------------------------------
+
+
+class FleetViewMachine(SessionMachine):
+    """The same rules; after each step the fleet view, paged through two at a time, lists
+    exactly the live sessions (the publisher's included), sorted by client id, each online
+    exactly while the model has it connected (keepalive 30 s: no silence within a step)."""
+
+    @invariant()
+    def fleet_view_matches_the_model(self) -> None:
+        if self.session_tables is None:
+            return
+        expected = sorted(
+            (s.client_id, s.session_id, "online" if s.conn is not None else "away")
+            for s in [*self._live(), self.publisher]
+        )
+        got: list[tuple[str, str, str]] = []
+        after: str | None = None
+        for _ in range(len(expected) + 1):
+            page = self.sessions.ask(ListSessions(after=after, limit=2), timeout=ASK_TIMEOUT)
+            got.extend((v.client_id, v.session_id, v.status) for v in page.sessions)
+            if page.next is None:
+                break
+            after = page.next
+        assert got == expected
+
+
+FleetViewMachine.TestCase.settings = settings(
+    max_examples=15, stateful_step_count=30, deadline=None
+)
+TestFleetViewMachine = FleetViewMachine.TestCase
