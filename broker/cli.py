@@ -1,6 +1,7 @@
 """The broker's commands of the `tether` command: `serve` runs the broker, `user add|remove|list`
-manage the users file (a running broker reloads it when it changes). tether/cli.py puts them
-beside the client tools (README, "Command line")."""
+manage the users file (a running broker reloads it when it changes), `token new` makes an admin
+token for the HTTP API. tether/cli.py puts them beside the client tools (README, "Command
+line")."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 from tether.broker.config import BrokerConfig
 from tether.broker.logs import FORMATS, LEVELS, configure_logging, get_logger
 from tether.broker.passwords import DEFAULT_COST, MAX_COST, MIN_COST
+from tether.broker.token_cli import add_token_commands
 from tether.broker.users import (
     UserExistsError,
     UserFileError,
@@ -38,8 +40,18 @@ def _cost(text: str) -> int:
     return value
 
 
+def _http_address(text: str) -> tuple[str, int]:
+    """An argument type: HOST:PORT (an IPv6 host in brackets: [::1]:7879)."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host:
+        raise argparse.ArgumentTypeError(f"not HOST:PORT: {text!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, port(port_text)
+
+
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add `serve` and `user` to the `tether` command's subcommands."""
+    """Add `serve`, `user` and `token` to the `tether` command's subcommands."""
     serve = commands.add_parser("serve", help="run the broker until SIGINT/SIGTERM")
     serve.add_argument(
         "--host", default=_DEFAULT.host, help="address to listen on (default: %(default)s)"
@@ -86,6 +98,22 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "(default: %(default)s)",
     )
     _store_arguments(serve)
+    serve.add_argument(
+        "--http",
+        type=_http_address,
+        default=None,
+        metavar="HOST:PORT",
+        help="serve /health, /metrics, the admin API (/api/...) and the fleet page (/) over "
+        "HTTP there (default: off)",
+    )
+    serve.add_argument(
+        "--admin-token-file",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help=f"hashes of the tokens /api/... accepts (made with `{PROG} token new --file "
+        "PATH`; re-read when it changes); without it /api/... answers 401",
+    )
     serve.add_argument(
         "--log-format",
         choices=FORMATS,
@@ -144,6 +172,8 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     list_ = user_commands.add_parser("list", help="list user names and creation times")
     _users_argument(list_)
     list_.set_defaults(func=_cmd_user_list)
+
+    add_token_commands(commands)
 
 
 def _store_arguments(parser: argparse.ArgumentParser) -> None:
@@ -215,6 +245,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             data_dir=None if args.in_memory else args.data_dir,
             sync=args.sync,
             shutdown_grace=args.shutdown_grace,
+            http=args.http,
+            admin_token_file=args.admin_token_file,
         )
     except ValueError as exc:
         return _refuse_start(str(exc))

@@ -34,6 +34,11 @@ class BrokerConfig:
     sync: str = "full"  # full | normal: SQLite's `synchronous` (what each survives: section 15)
     # Seconds a stop (SIGTERM) may take: stop accepting, close every connection, save, exit.
     shutdown_grace: float = 5.0
+    # The HTTP endpoint (/health, /metrics, /api/*, the fleet page): off unless given; port 0
+    # picks a free one (tests). Admin tokens: the file of their hashes (`tether token new`);
+    # None: /api/* answers 401.
+    http: tuple[str, int] | None = None
+    admin_token_file: Path | None = None
 
     def __post_init__(self) -> None:
         if self.session_expiry <= 0:
@@ -48,3 +53,5 @@ class BrokerConfig:
             raise ValueError("shutdown_grace must be > 0")
         if self.sync not in ("full", "normal"):
             raise ValueError("sync must be full or normal")
+        if self.http is not None and not 0 <= self.http[1] <= 65535:
+            raise ValueError("the http port must be 0..65535")

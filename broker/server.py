@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import errno
 import os
 import signal
-import socket
 import threading
 import time
 from typing import Any, cast
@@ -17,6 +15,8 @@ import structlog
 from pykka import ActorRef
 
 from tether.broker.config import BrokerConfig
+from tether.broker.fleet import BrokerFleet
+from tether.broker.http_server import HttpServer
 from tether.broker.listener_manager import (
     Drain,
     ListenerManager,
@@ -25,19 +25,19 @@ from tether.broker.listener_manager import (
 )
 from tether.broker.loop_actor import tell
 from tether.broker.messages import GetStats, UsersChanged, UsersReloaded
+from tether.broker.metrics import BrokerMetrics, LoopLagProbe
 from tether.broker.ratelimit import FailureLimiter
 from tether.broker.sessions import SessionManager
-from tether.broker.store import (
-    DeleteSession,
-    Snapshot,
-    Store,
-    StoreError,
-)
+from tether.broker.startup import StartupError, bind_error, listen_error, recover
+from tether.broker.store import Snapshot, Store, StoreError
 from tether.broker.store_sqlite import SqliteStore
 from tether.broker.subscribers import SubscriberManager
 from tether.broker.supervisor import BrokerSupervisor
 from tether.broker.users import UserStore
 from tether.broker.userwatch import UserWatcher
+from tether.cli_common import PROG
+
+__all__ = ["Broker", "StartupError", "serve"]
 
 _log = structlog.get_logger("tether.server")
 
@@ -64,13 +64,74 @@ class Broker:
         self.address: tuple[str, int] | None = None
         # What the store held when the broker stopped: (sessions, queued messages).
         self.saved: tuple[int, int] | None = None
-        # Set when a stop begins. The /health endpoint (issue 11, not built yet) answers 503
-        # while it is set, so a load balancer stops sending clients here during the drain.
+        # Set when a stop begins. /health answers 503 while it is set, so a load balancer
+        # stops sending clients here during the drain.
         self.draining = threading.Event()
+        # Set once the broker listens: until then /health says "starting".
+        self.accepting = False
+        # The HTTP endpoint (config.http), its address, and the metrics it serves.
+        self.metrics: BrokerMetrics | None = None
+        self.http_address: tuple[str, int] | None = None
+        self._http: HttpServer | None = None
+        self._lag_probe: LoopLagProbe | None = None
         # Connections open when the drain began, and those still open when it ended.
         self.drain_result: tuple[int, int] | None = None
 
+    def actor(self, name: str) -> ActorRef[Any] | None:
+        """The running actor `name` ("listeners", "supervisor", "sessions", "subscribers"),
+        None before the start or after the stop (the HTTP endpoint's facade asks them)."""
+        return self._refs.get(name)
+
+    @property
+    def store(self) -> Store | None:
+        return self._store
+
     def start(self) -> tuple[str, int]:
+        """Start and listen. Raises StartupError for an unusable HTTP address, OSError for
+        the TCP listener's, a StoreError for the store's."""
+        if self.config.http is not None:
+            # First, so /health answers "starting" while the store loads.
+            self._start_http(self.config.http)
+        try:
+            return self._start()
+        except BaseException:
+            # The caller may not call stop() after a failed start: leave no thread behind.
+            self._stop_http()
+            raise
+
+    def _start_http(self, where: tuple[str, int]) -> None:
+        config = self.config
+        durable = self._given_store is not None or config.data_dir is not None
+        fleet = BrokerFleet(self)
+        self.metrics = BrokerMetrics(fleet.read_metrics, durable=durable)
+        server = HttpServer(
+            fleet,
+            host=where[0],
+            port=where[1],
+            token_file=config.admin_token_file,
+            limiter=FailureLimiter(limit=config.auth_fail_limit, window=config.auth_fail_window),
+            penalty=config.auth_fail_penalty,
+        )
+        try:
+            self.http_address = server.start()
+        except OSError as exc:
+            raise bind_error("serve HTTP on", where, "--http", exc) from None
+        self._http = server
+        _log.info("http_listening", host=self.http_address[0], port=self.http_address[1])
+        if config.admin_token_file is None:
+            _log.warning(
+                "admin_api_disabled",
+                reason="no --admin-token-file: /api/* answers 401",
+                hint=f"make a token with: {PROG} token new --file admin-tokens, then serve "
+                "with --admin-token-file admin-tokens",
+            )
+
+    def _stop_http(self) -> None:
+        if self._http is not None:
+            self._http.stop()
+            self._http = None
+
+    def _start(self) -> tuple[str, int]:
         config = self.config
         watcher: UserWatcher | None = None
         if self._users is not None:
@@ -84,10 +145,13 @@ class Broker:
         if store is None and config.data_dir is not None:
             # Raises StoreLocked, StoreCorrupt or StoreVersionError: nothing started yet.
             store = SqliteStore(config.data_dir, sync="full" if config.sync == "full" else "normal")
+        commit_histogram = None if self.metrics is None else self.metrics.store_commit
+        if isinstance(store, SqliteStore) and commit_histogram is not None:
+            store.on_commit = commit_histogram.observe
         if store is not None:
             self._store = store
             try:
-                snapshot = _recover(store, time.time())
+                snapshot = recover(store, time.time())
             except BaseException:
                 self._store = None
                 store.close()
@@ -98,6 +162,9 @@ class Broker:
         assert thread.ident is not None
         self._loop, self._thread = loop, thread
         on_loop = (loop, thread.ident)
+        if self.metrics is not None:
+            self._lag_probe = LoopLagProbe(loop, self.metrics.observe_lag)
+            self._lag_probe.start()
         subscribers = SubscriberManager.start(
             *on_loop,
             queue_limit=config.queue_limit,
@@ -123,6 +190,7 @@ class Broker:
             auth_workers=config.auth_workers,
             limiter=FailureLimiter(limit=config.auth_fail_limit, window=config.auth_fail_window),
             failure_penalty=config.auth_fail_penalty,
+            observe_check=None if self.metrics is None else self.metrics.password_check.observe,
         )
         listeners = ListenerManager.start(
             *on_loop,
@@ -150,6 +218,7 @@ class Broker:
             listeners.ask(StartListening(config.host, config.port)),
         )
         self.address = future.result(timeout=10)
+        self.accepting = True
         return self.address
 
     def _users_loaded(self, users: UserStore) -> None:
@@ -191,6 +260,7 @@ class Broker:
             self._watcher.stop()
             self._watcher = None
         if self._loop is None:
+            self._stop_http()
             return
         listeners = self._refs.get("listeners")
         if listeners is not None:
@@ -211,6 +281,9 @@ class Broker:
             self._store.close()
             self._store = None
         loop, thread = self._loop, self._thread
+        if self._lag_probe is not None:
+            self._lag_probe.stop()
+            self._lag_probe = None
         loop.call_soon_threadsafe(loop.stop)
         if thread is not None:
             thread.join(timeout=10)
@@ -218,6 +291,8 @@ class Broker:
             loop.close()
         self._loop = None
         self._refs = {}
+        # Last: /health answered 503 "shutting_down" through the whole drain.
+        self._stop_http()
 
     def _drain(self, listeners: ActorRef[Any], seconds: float) -> None:
         drained = threading.Event()
@@ -237,67 +312,6 @@ class Broker:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def _recover(store: Store, now: float) -> Snapshot:
-    """Load the store: sessions whose expiry deadline passed while the broker was down are
-    deleted (logged with what they held); the rest come back, their queued messages left in
-    the store to be read back a page at a time when their sessions resume."""
-    snapshot = store.load()
-    _log.info(
-        "store_loaded",
-        sessions=len(snapshot.sessions),
-        subscriptions=sum(1 for sub in snapshot.subscriptions if sub.active),
-        queued=sum(sub.queued for sub in snapshot.subscriptions),
-    )
-    expired = {
-        s.session_id for s in snapshot.sessions if s.expires_at is not None and s.expires_at <= now
-    }
-    if expired:
-        lost = sum(sub.queued for sub in snapshot.subscriptions if sub.session_id in expired)
-        done = threading.Event()
-        errors: list[StoreError] = []
-
-        def deleted(error: StoreError | None) -> None:
-            if error is not None:
-                errors.append(error)
-            done.set()
-
-        store.submit(tuple(DeleteSession(sid) for sid in sorted(expired)), deleted)
-        done.wait()
-        if errors:
-            raise errors[0]
-        _log.info("sessions_expired_while_down", sessions=len(expired), discarded=lost)
-        snapshot = Snapshot(
-            tuple(s for s in snapshot.sessions if s.session_id not in expired),
-            tuple(sub for sub in snapshot.subscriptions if sub.session_id not in expired),
-        )
-    return snapshot
-
-
-class StartupError(Exception):
-    """The broker cannot start: the message is one line saying what and what to do."""
-
-
-# errno -> what to do about it, for the errors binding a listening socket gives.
-_LISTEN_HINTS = {
-    errno.EADDRINUSE: "another process listens there (another broker?): stop it or pick --port",
-    errno.EADDRNOTAVAIL: "this machine has no such address: pick --host from its addresses",
-    errno.EACCES: "not allowed (ports below 1024 need privileges): pick another --port",
-}
-
-
-def _listen_error(config: BrokerConfig, exc: OSError) -> StartupError:
-    where = f"{config.host}:{config.port}"
-    if isinstance(exc, socket.gaierror):
-        return StartupError(
-            f"cannot listen on {where}: unknown host {config.host!r} ({exc.strerror}): "
-            "--host takes an address or a name this machine resolves"
-        )
-    # asyncio's own message repeats the address; the errno's text says it plainly.
-    reason = os.strerror(exc.errno) if exc.errno else str(exc)
-    hint = _LISTEN_HINTS.get(exc.errno or 0, "check --host and --port")
-    return StartupError(f"cannot listen on {where}: {reason}: {hint}")
 
 
 def serve(config: BrokerConfig) -> int:
@@ -326,12 +340,15 @@ def serve(config: BrokerConfig) -> int:
     signal.signal(signal.SIGHUP, reload_users)
     try:
         host, port = broker.start()
+    except StartupError:
+        broker.stop()
+        raise
     except StoreError as exc:
         broker.stop()
         raise StartupError(str(exc)) from None
     except OSError as exc:
         broker.stop()
-        raise _listen_error(config, exc) from None
+        raise listen_error(config, exc) from None
     _log.info(
         "broker_started",
         host=host,
@@ -343,6 +360,8 @@ def serve(config: BrokerConfig) -> int:
         session_expiry=config.session_expiry,
         queue_limit=config.queue_limit,
         max_frame=config.max_frame,
+        http=None if broker.http_address is None else "{}:{}".format(*broker.http_address),
+        admin_token_file=None if config.admin_token_file is None else str(config.admin_token_file),
     )
     while not stopping.wait(1.0):
         pass

@@ -344,3 +344,9 @@ class Store(Protocol):
     def close(self) -> None:
         """Commit what was submitted, call its callbacks, and release the store."""
         ...
+
+    @property
+    def failing(self) -> str | None:
+        """Why the last commit failed, until one succeeds again (None: it succeeded). Read
+        from any thread (/health answers 503 while it is set)."""
+        ...

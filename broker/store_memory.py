@@ -104,6 +104,10 @@ class MemoryStore:
     def close(self) -> None:
         self._closed = True
 
+    @property
+    def failing(self) -> str | None:
+        return None  # nothing here can fail to commit
+
     def _check_open(self) -> None:
         if self._closed:
             raise StoreClosed()

@@ -16,6 +16,7 @@ import fcntl
 import os
 import sqlite3
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -97,7 +98,9 @@ class SqliteStore:
     """The store in `directory` (created 0700), `sync` being SQLite's `synchronous`: "full"
     survives power loss, "normal" a process crash. Raises `StoreLocked`, `StoreCorrupt` or
     `StoreVersionError` when it cannot open; an older schema is migrated in place. `check`
-    reads every page at open (SQLite's `quick_check`: 0.1 s for 1,000,000 queued messages)."""
+    reads every page at open (SQLite's `quick_check`: 0.1 s for 1,000,000 queued messages).
+    `on_commit(seconds)` is called by the writer thread after each group commit, with the time
+    it took (the metrics' histogram); it must not block."""
 
     def __init__(
         self,
@@ -107,6 +110,7 @@ class SqliteStore:
         connect: Connect = connect,
         migrations: Sequence[Migration] = MIGRATIONS,
         check: bool = True,
+        on_commit: Callable[[float], None] | None = None,
     ) -> None:
         if sync not in ("full", "normal"):
             raise ValueError(f"sync must be 'full' or 'normal', got {sync!r}")
@@ -141,6 +145,10 @@ class SqliteStore:
             os.close(self._lock_fd)
             raise
         self.commits = 0  # transactions committed: one per group of batches
+        self.on_commit = on_commit
+        # Set by the writer when a commit fails, cleared by the next good one (a str: atomic
+        # to read from another thread).
+        self._failing: str | None = None
         self._mutex = threading.Lock()
         self._work = threading.Condition(self._mutex)  # the writer waits for batches
         self._progress = threading.Condition(self._mutex)  # readers wait for the writer
@@ -230,6 +238,10 @@ class SqliteStore:
             os.close(self._lock_fd)
         _log.info("store_closed", path=self.path, commits=self.commits)
 
+    @property
+    def failing(self) -> str | None:
+        return self._failing
+
     def __enter__(self) -> SqliteStore:
         return self
 
@@ -259,6 +271,7 @@ class SqliteStore:
     def _commit(self, group: list[Batch]) -> list[StoreError | None]:
         db = self._db
         outcomes: list[StoreError | None] = []
+        started = time.perf_counter()
         try:
             if self._stat() != self._inode:
                 raise FileMoved(f"{self.path} was deleted or replaced")
@@ -279,8 +292,12 @@ class SqliteStore:
         except Exception as exc:  # every batch of the group fails; the store carries on
             self._rollback()
             self._fault(exc)
+            self._failing = str(exc) or type(exc).__name__
             return [StoreUnavailable(exc)] * len(group)
         self.commits += 1
+        self._failing = None
+        if self.on_commit is not None:
+            self._call(self.on_commit, time.perf_counter() - started)
         if self._faults:
             _log.info("store_recovered", path=self.path, faults=sorted(self._faults))
             self._faults.clear()
