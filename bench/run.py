@@ -3,11 +3,13 @@
     scripts/bench [--quick] [--out DIR] [SCENARIO ...]
 
 Scenarios: throughput, fan-out, fan-in, connections, drain, storm, latency, burst, restart,
-offline-fleet (all by default). Brokers are durable (SQLite, `--sync full`, a data directory
-each in a temporary directory); throughput, fan-out, fan-in, drain and latency are measured on
-an `--in-memory` broker too, in the same run. Exit status: 0 when every check held (a missed
-target is a MISS in the table, not a failure, unless --strict), 1 when anything was lost,
-duplicated, reordered or failed to run.
+offline-fleet, http, api-sessions (all by default). Brokers are durable (SQLite, `--sync
+full`, a data directory each in a temporary directory); throughput, fan-out, fan-in, drain and
+latency are measured on an `--in-memory` broker too, in the same run. `http` runs throughput
+and latency again, without the HTTP endpoint and with it on and scraped every second,
+interleaved; `api-sessions` times `GET /api/sessions?limit=100` with 10,000 sessions.
+Exit status: 0 when every check held (a missed target is a MISS in the table, not a failure,
+unless --strict), 1 when anything was lost, duplicated, reordered or failed to run.
 """
 
 from __future__ import annotations

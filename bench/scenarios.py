@@ -13,8 +13,10 @@ from __future__ import annotations
 import array
 import contextlib
 import functools
+import json
 import math
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -32,6 +34,7 @@ from bench.harness import (
     kill_and_restart,
     relay_process,
 )
+from bench.http_scrape import HttpBroker, Scraper, ScrapeStats, http_broker_process
 from bench.loadgen import PubPlan
 from bench.report import FAIL, PASS, Bar, Console, Row, ScenarioResult, verdict
 from bench.workers import Fleet
@@ -67,6 +70,9 @@ class Sizes:
     restart_queued: int = 100
     fleet_sessions: int = 1_000
     fleet_queued: int = 1_000
+    http_repeats: int = 3  # runs with and without the HTTP endpoint, interleaved (A B A B ...)
+    api_sessions: int = 10_000  # sessions behind GET /api/sessions?limit=100
+    api_gets: int = 500  # timed GETs of it
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -87,6 +93,9 @@ QUICK = replace(
     restart_queued=40,
     fleet_sessions=200,
     fleet_queued=500,
+    http_repeats=2,
+    api_sessions=2_000,
+    api_gets=200,
 )
 TINY = replace(
     FULL,
@@ -110,6 +119,9 @@ TINY = replace(
     restart_queued=10,
     fleet_sessions=5,
     fleet_queued=20,
+    http_repeats=1,
+    api_sessions=250,
+    api_gets=20,
 )
 
 # The issues' targets on their 2-core machine. The bench issue's were set for the in-memory
@@ -129,6 +141,7 @@ T_BURST_P99_MS = 5.0
 T_LISTEN_S = 3.0  # restart: start to listening
 T_RECOVER_S = 10.0  # restart: start to the last queued message delivered
 T_FLEET_RSS_MIB = 128
+T_API_SESSIONS_MS = 50.0  # issue 11: GET /api/sessions?limit=100 with 10,000 sessions
 DURABLE = "durable"  # how the rows name the modes
 IN_MEMORY = "in-memory"
 
@@ -1058,6 +1071,236 @@ def offline_fleet(sizes: Sizes, console: Console) -> ScenarioResult:
     return res
 
 
+# --- issue 11: the HTTP endpoint's cost, and the admin API's speed ---------------------------
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+def _spread(values: list[float]) -> float:
+    """Between repeated runs of the same thing: the largest minus the smallest."""
+    return max(values) - min(values) if len(values) > 1 else 0.0
+
+
+@contextlib.contextmanager
+def _maybe_scraped(scraped: bool, scrapes: list[ScrapeStats]) -> Iterator[Server]:
+    """A durable broker: with `scraped`, serving HTTP and scraped every second while in use."""
+    if not scraped:
+        with broker_process() as server:
+            yield server
+        return
+    with http_broker_process() as broker, Scraper(broker) as scraper:
+        yield broker.server
+    scrapes.append(scraper.stats)
+
+
+def _compare_rows(
+    name: str,
+    measure: str,
+    off: list[float],
+    on: list[float],
+    show: Callable[[float], str],
+) -> list[Row]:
+    """Two rows, without and with HTTP: each mean and the spread between its runs. The one
+    with HTTP passes when the means differ by no more than the larger spread (with a single
+    run each there is no spread to compare with, so no verdict)."""
+    m_off, m_on = _mean(off), _mean(on)
+    noise = max(_spread(off), _spread(on))
+    differ = abs(m_on - m_off)
+    runs = len(off)
+    judged = runs > 1
+
+    def spread(values: list[float]) -> str:
+        return f" (spread {show(_spread(values))})" if judged else ""
+
+    return [
+        Row(name, f"{measure}, no HTTP (mean of {runs})", show(m_off) + spread(off)),
+        Row(
+            name,
+            f"{measure}, --http + scraper every 1 s (mean of {runs})",
+            show(m_on) + spread(on) + f", differ by {show(differ)}",
+            "difference <= spread" if judged else "",
+            verdict=verdict(differ <= noise) if judged else "",
+        ),
+    ]
+
+
+def http_overhead(sizes: Sizes, console: Console) -> ScenarioResult:
+    """Throughput and latency on a durable broker without the HTTP endpoint and with it on
+    and scraped (/metrics and /api/sessions every second), interleaved A B A B ... so the
+    machine's drift falls on both alike; each mean is reported with the spread between its
+    repeated runs, the measure of what "no difference" can mean on this machine."""
+    res = ScenarioResult("http")
+    rates: dict[bool, list[float]] = {False: [], True: []}
+    p50s: dict[bool, list[float]] = {False: [], True: []}
+    p99s: dict[bool, list[float]] = {False: [], True: []}
+    scrapes: list[ScrapeStats] = []
+    tallies: list[tuple[str, Tally]] = []
+    for rep in range(sizes.http_repeats):
+        for scraped in (False, True):
+            label = f"http: throughput {'with' if scraped else 'without'} HTTP, run {rep + 1}"
+            with _maybe_scraped(scraped, scrapes) as server:
+                flow = _flow(
+                    server,
+                    console,
+                    label,
+                    subs=1,
+                    sub_procs=1,
+                    pubs=1,
+                    pub_procs=1,
+                    each=sizes.throughput,
+                    batch=1000,
+                    payload=sizes.payload,
+                )
+            rates[scraped].append(flow.rate)
+            tallies.append((label, flow.tally))
+        for scraped in (False, True):
+            label = f"http: latency {'with' if scraped else 'without'} HTTP, run {rep + 1}"
+            with _maybe_scraped(scraped, scrapes) as server:
+                run = _latency_run(server, console, label, sizes, sizes.latency_s)
+            lat = sorted(run.lat_ns)
+            p50s[scraped].append(percentile(lat, 50) / 1e6)
+            p99s[scraped].append(percentile(lat, 99) / 1e6)
+            tallies.append((label, run.tally))
+    for label, tally in tallies:
+        res.problems += [f"{label}: {p}" for p in tally.problems()]
+    total = ScrapeStats()
+    for one in scrapes:
+        total.scrapes += one.scrapes
+        total.failures += one.failures
+        total.metrics_ms += one.metrics_ms
+        total.sessions_ms += one.sessions_ms
+    res.problems += [f"SCRAPE FAILED: {f}" for f in total.failures[:3]]
+    rate = f"{sizes.latency_rate:,} msg/s"
+    res.rows = [
+        *_compare_rows("http", "throughput msg/s (1 -> 1)", rates[False], rates[True], _rate),
+        *_compare_rows("http", f"latency p50 at {rate}", p50s[False], p50s[True], _ms_of),
+        *_compare_rows("http", f"latency p99 at {rate}", p99s[False], p99s[True], _ms_of),
+        Row(
+            "http",
+            "scrapes (mean /metrics, mean /api/sessions)",
+            f"{total.scrapes} ({_mean(total.metrics_ms):.2f} ms, "
+            f"{_mean(total.sessions_ms):.2f} ms)",
+            verdict=FAIL if total.failures else "",
+        ),
+    ]
+    res.figures = {
+        "repeats": sizes.http_repeats,
+        "order": "interleaved: without, with, without, with, ...",
+        "store": "sqlite, --sync full",
+        "scrape_interval_s": 1.0,
+        "throughput_without": [round(r) for r in rates[False]],
+        "throughput_with": [round(r) for r in rates[True]],
+        "latency_p50_ms_without": [round(v, 4) for v in p50s[False]],
+        "latency_p50_ms_with": [round(v, 4) for v in p50s[True]],
+        "latency_p99_ms_without": [round(v, 4) for v in p99s[False]],
+        "latency_p99_ms_with": [round(v, 4) for v in p99s[True]],
+        "scrapes": total.to_dict(),
+    }
+    return res
+
+
+def _ms_of(ms: float) -> str:
+    return f"{ms:.3f} ms"
+
+
+def _time_gets(broker: HttpBroker, paths: list[str]) -> list[float]:
+    """Each GET's wall time in ms, over one kept-alive connection; each answer checked."""
+    client = broker.client()
+    times = []
+    try:
+        for path in paths:
+            t0 = time.perf_counter()
+            status, body = client.get(path)
+            times.append((time.perf_counter() - t0) * 1e3)
+            if status != 200:
+                raise BenchError(f"GET {path} answered {status}: {body[:200]!r}")
+            if len(json.loads(body)["sessions"]) != 100:
+                raise BenchError(f"GET {path} did not answer a full page of 100")
+    finally:
+        client.close()
+    return times
+
+
+def _walk_all(broker: HttpBroker) -> list[str]:
+    """Every client id, page after page (the check that paging neither skips nor repeats)."""
+    client = broker.client()
+    ids: list[str] = []
+    after = ""
+    try:
+        for _ in range(100_000):
+            query = "limit=100" + (f"&after={urllib.parse.quote(after, safe='')}" if after else "")
+            page = client.get_json(f"/api/sessions?{query}")
+            ids += [s["client_id"] for s in page["sessions"]]
+            after = page["next"] or ""
+            if not after:
+                break
+    finally:
+        client.close()
+    return ids
+
+
+def api_sessions(sizes: Sizes, console: Console) -> ScenarioResult:
+    """GET /api/sessions?limit=100 with many sessions registered over real TCP (each
+    subscribed to its own topic, so every page also asks for subscriptions): median and p99
+    of many GETs, of the first page and of pages spread over the whole range."""
+    res = ScenarioResult("api-sessions")
+    n = sizes.api_sessions
+    names = [(f"api-{i:06d}", f"api/{i}") for i in range(n)]
+    with http_broker_process() as broker, Fleet(broker.server) as fleet:
+        _start_shards(fleet, broker.server, names, sizes.shards, sizes.inflight)
+        fleet.wait("ready", timeout=60)
+        fleet.send("open")
+        with _bar(console, "api-sessions (connect)", n, "sessions") as bar:
+            opened = list(fleet.wait("open", timeout=60 + n / 50, bar=bar).values())
+        res.problems += _failures(opened, "REGISTRATIONS")
+        # The first page, and pages after client ids spread over the range.
+        starts = [names[(i * 7919) % max(1, n - 100)][0] for i in range(sizes.api_gets)]
+        paths = [
+            "/api/sessions?limit=100" + (f"&after={start}" if i % 2 else "")
+            for i, start in enumerate(starts)
+        ]
+        cpu0 = broker.server.cpu()
+        times = sorted(_time_gets(broker, paths))
+        server_cpu = broker.server.cpu() - cpu0
+        walked = _walk_all(broker)
+    if walked != sorted(c for c, _ in names):
+        res.problems.append(
+            f"PAGING WALKED {len(walked)} SESSIONS ({len(set(walked))} DISTINCT), EXPECTED {n}"
+        )
+    median = percentile(times, 50)  # type: ignore[arg-type]
+    p99 = percentile(times, 99)  # type: ignore[arg-type]
+    res.rows = [
+        Row(
+            "api-sessions",
+            f"GET /api/sessions?limit=100, {n:,} sessions: median",
+            _ms_of(median),
+            "",
+            "",
+            server_cpu,
+        ),
+        Row(
+            "api-sessions",
+            f"p99 of {len(times)} GETs",
+            _ms_of(p99),
+            f"< {T_API_SESSIONS_MS:g} ms",
+            verdict=verdict(p99 < T_API_SESSIONS_MS),
+        ),
+        Row("api-sessions", "max", _ms_of(times[-1] if times else math.nan)),
+    ]
+    res.figures = {
+        "sessions": n,
+        "gets": len(times),
+        "median_ms": round(median, 3),
+        "p99_ms": round(p99, 3),
+        "max_ms": round(times[-1], 3) if times else None,
+        "server_cpu": round(server_cpu, 3),
+        "walked_all_pages": len(walked),
+    }
+    return res
+
+
 SCENARIOS: dict[str, Callable[[Sizes, Console], ScenarioResult]] = {
     "throughput": throughput,
     "fan-out": fanout,
@@ -1069,6 +1312,8 @@ SCENARIOS: dict[str, Callable[[Sizes, Console], ScenarioResult]] = {
     "burst": burst,
     "restart": restart,
     "offline-fleet": offline_fleet,
+    "http": http_overhead,
+    "api-sessions": api_sessions,
 }
 
 

@@ -1,8 +1,9 @@
-"""The client tools of the `tether` command: `pub`, `sub` and `stats`, on the bundled client
-library (docs/client.md, "Command line"). tether/cli.py puts them beside the broker's commands.
+"""The client tools of the `tether` command: `pub` and `sub`, on the bundled client library
+(docs/client.md, "Command line"), and `stats`, on the broker's admin HTTP API
+(client/admin_cli.py). tether/cli.py puts them beside the broker's commands.
 
-Sessions: a command leaves none behind unless asked to. `pub` and `stats` unregister when
-done (or failed); `sub` unregisters when it ends (its count reached, SIGINT or SIGTERM),
+Sessions: a command leaves none behind unless asked to. `pub` unregisters when done (or
+failed); `sub` unregisters when it ends (its count reached, SIGINT or SIGTERM),
 unless `--state` keeps the session for the next run."""
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import getpass
 import json
 import logging
 import os
-import secrets
 import signal
 import socket
 import sys
@@ -28,6 +28,7 @@ from structlog.typing import EventDict
 from tether.cli_common import PROG, CliError, port, positive
 from tether.protocol import Publish
 
+from .admin_cli import add_stats_command
 from .errors import PayloadTooLarge, TetherError
 from .events import Disconnected, Message, Reconnected
 from .sync import Client
@@ -45,17 +46,7 @@ SUB_BACKOFF_CAP = 5.0
 
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add `stats`, `pub` and `sub` to the `tether` command's subcommands."""
-    stats = commands.add_parser("stats", help="print a running broker's counters as JSON")
-    stats.add_argument("--host", default="127.0.0.1")
-    stats.add_argument("--port", type=port, default=7878)
-    stats.add_argument("--username", default="admin")
-    stats.add_argument(
-        "--password-file",
-        type=Path,
-        metavar="PATH",
-        help="read the password from this file (else $TETHER_PASSWORD, else a prompt)",
-    )
-    stats.set_defaults(func=_cmd_stats)
+    add_stats_command(commands)  # through the HTTP API: client/admin_cli.py
 
     pub = commands.add_parser(
         "pub",
@@ -238,31 +229,6 @@ def _signals_set(done: threading.Event) -> Iterator[list[int]]:
         yield received
     finally:
         restore()
-
-
-def _cmd_stats(args: argparse.Namespace) -> int:
-    _client_log_to_stderr()
-    password = client_password(args.password_file)
-    try:
-        client = Client(
-            # A throwaway session, ended again below.
-            client_id=f"tether-stats-{os.getpid()}-{secrets.token_hex(4)}",
-            username=args.username,
-            password=password,
-            host=args.host,
-            port=args.port,
-            connect_timeout=CONNECT_TIMEOUT,
-            request_timeout=10.0,
-        )
-        client.connect()
-        try:
-            stats = client.stats()
-        finally:
-            _end_session(client)
-    except TetherError as exc:
-        raise CliError(str(exc)) from None
-    print(json.dumps(stats, indent=2, sort_keys=True))
-    return 0
 
 
 def _pub_payloads(args: argparse.Namespace) -> list[bytes]:

@@ -1,13 +1,9 @@
-"""The `stats` extension frame and the `tether stats` command."""
+"""The `stats` extension frame. (`tether stats` reads the HTTP API: tests/test_admin_cli.py.)"""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from collections.abc import Callable
 
-from tests.conftest import PASSWORDS
 from tests.wire import WireClient
 from tether.broker.server import Broker
 from tether.protocol import Ok, Publish, Registered, Stats, StatsResult, Subscribe
@@ -36,31 +32,3 @@ def test_stats_before_register_is_not_registered(connect: Callable[[], WireClien
     client.send(Stats(req=9))
     answer = client.recv()
     assert getattr(answer, "code", None) == "not_registered"
-
-
-def test_tether_stats_command_prints_json(broker: Broker) -> None:
-    assert broker.address is not None
-    host, port = broker.address
-    env = dict(os.environ, TETHER_PASSWORD=PASSWORDS["alice"])
-    done = subprocess.run(
-        [sys.executable, "-m", "tether", "stats", "--host", host, "--port", str(port),
-         "--username", "alice"],
-        env=env, capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    assert '"bcrypt_hashes"' in done.stdout
-    # Its throwaway session was ended, not left to linger.
-    assert broker.stats()["sessions"] == 0
-
-
-def test_tether_stats_wrong_password_is_a_clear_error(broker: Broker) -> None:
-    assert broker.address is not None
-    host, port = broker.address
-    env = dict(os.environ, TETHER_PASSWORD="wrong")
-    done = subprocess.run(
-        [sys.executable, "-m", "tether", "stats", "--host", host, "--port", str(port),
-         "--username", "alice"],
-        env=env, capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
-    )  # fmt: skip
-    assert done.returncode == 1
-    assert "auth_failed" in done.stderr

@@ -1,5 +1,6 @@
-"""The `tether` command: one parser with `--version`, the broker's commands (broker/cli.py) and
-the client tools (client/cli.py). A `CliError` becomes one `tether: error: ...` line, status 1."""
+"""The `tether` command: one parser with `--version`, the broker's commands (broker/cli.py),
+the client tools (client/cli.py) and the operator's `sessions` (client/admin_cli.py). A
+`CliError` becomes one `tether: error: ...` line, status 1."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from collections.abc import Callable, Sequence
 from tether import __version__
 from tether.broker import cli as broker_cli
 from tether.cli_common import PROG, CliError
+from tether.client import admin_cli
 from tether.client import cli as client_cli
 
 __all__ = ["build_parser", "main"]
@@ -23,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     broker_cli.add_commands(commands)  # serve, user
     client_cli.add_commands(commands)  # stats, pub, sub
+    admin_cli.add_commands(commands)  # sessions (the admin HTTP API)
     return parser
 
 
