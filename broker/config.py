@@ -39,6 +39,26 @@ class BrokerConfig:
     # None: /api/* answers 401.
     http: tuple[str, int] | None = None
     admin_token_file: Path | None = None
+    # --- Limits against hostile or runaway clients (issue 12; broker/cli_limits.py) ---
+    # Bytes read from a connection before its `register` is answered (a larger register is
+    # frame_too_large); what it sent beyond waits in its socket until `registered` is sent.
+    max_register_bytes: int = 64 * 1024
+    # Connections not yet registered: in all, and from one address (1,000 devices behind one
+    # NAT address must be able to connect at once).
+    max_pending_connections: int = 10_000
+    max_pending_per_address: int = 2_000
+    max_metadata: int = 8 * 1024  # encoded bytes of a register's metadata or a ping's details
+    max_subscriptions: int = 1_000  # per session; over it: quota_exceeded
+    max_sessions_per_user: int = 0  # 0: unlimited; over it a fresh register: quota_exceeded
+    # Queued payload bytes of one session across all its topics; past it the oldest messages
+    # of its largest queue are dropped (counted, told as overflow).
+    session_queue_bytes: int = 256 * 1024 * 1024
+    # Queued payload bytes held in memory by all sessions; None: a quarter of the memory
+    # available to the process (a cgroup limit included), worked out at start.
+    memory_budget: int | None = None
+    store_budget: int = 10 * 1024 * 1024 * 1024  # queued bytes in the store
+    auth_queue: int = 1_000  # password checks waiting at once; when full: rate_limited
+    insecure_users_file: bool = False  # start even if the users file is group/other-readable
 
     def __post_init__(self) -> None:
         if self.session_expiry <= 0:
@@ -53,5 +73,22 @@ class BrokerConfig:
             raise ValueError("shutdown_grace must be > 0")
         if self.sync not in ("full", "normal"):
             raise ValueError("sync must be full or normal")
+        for name in (
+            "max_register_bytes",
+            "max_pending_connections",
+            "max_pending_per_address",
+            "max_metadata",
+            "max_subscriptions",
+            "session_queue_bytes",
+            "store_budget",
+            "auth_queue",
+            "auth_workers",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.max_sessions_per_user < 0:
+            raise ValueError("max_sessions_per_user must be >= 0 (0: unlimited)")
+        if self.memory_budget is not None and self.memory_budget < 1:
+            raise ValueError("memory_budget must be >= 1")
         if self.http is not None and not 0 <= self.http[1] <= 65535:
             raise ValueError("the http port must be 0..65535")

@@ -36,6 +36,8 @@ class ErrorCode(enum.StrEnum):
     SESSION_ENDED = "session_ended"
     # A `subscribe` to `$sys/...` from a user not marked admin: not done; not fatal.
     NOT_AUTHORIZED = "not_authorized"
+    # A per-session or per-user quota would be exceeded (subscriptions, sessions): non-fatal.
+    QUOTA_EXCEEDED = "quota_exceeded"
 
 
 # After one of these the broker closes the connection: the byte stream can no longer be

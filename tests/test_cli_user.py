@@ -225,6 +225,29 @@ def test_serve_builds_the_config_and_warns_without_users_file(
     assert "user add" in warning["hint"]
 
 
+def test_serve_limit_options_reach_the_config(
+    fake_server: list[Any], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    argv = ["serve", "--users", str(tmp_path / "users.json"), "--max-register-bytes", "32KiB"]
+    argv += ["--session-queue-bytes", "1.5M", "--memory-budget", "2GiB", "--auth-workers", "3"]
+    argv += ["--max-sessions-per-user", "0", "--max-subscriptions", "50"]
+    assert main(argv) == 0
+    [config] = fake_server
+    assert config.max_register_bytes == 32 * 1024
+    assert config.session_queue_bytes == int(1.5 * 1024 * 1024)
+    assert config.memory_budget == 2 << 30
+    assert (config.auth_workers, config.max_subscriptions) == (3, 50)
+    assert config.max_sessions_per_user == 0
+    assert config.store_budget == 10 << 30 and config.auth_queue == 1000
+
+
+@pytest.mark.parametrize("bad", ["0", "-5", "lots", "12XB", "KiB", ""])
+def test_serve_refuses_a_bad_size(bad: str, tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--users", str(tmp_path / "u.json"), "--max-metadata", bad])
+    assert info.value.code == 2
+
+
 def test_serve_refuses_a_malformed_users_file(
     fake_server: list[Any], capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

@@ -199,7 +199,7 @@ def test_error_codes() -> None:
     assert {c.value for c in ErrorCode} == {
         "bad_frame", "frame_too_large", "bad_request", "not_registered", "auth_failed",
         "unknown_session", "conflict", "taken_over", "rate_limited", "timeout", "internal",
-        "unavailable", "session_ended", "not_authorized",
+        "unavailable", "session_ended", "not_authorized", "quota_exceeded",
     }  # fmt: skip
     fatal = {
         ErrorCode.BAD_FRAME,
