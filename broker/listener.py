@@ -1,5 +1,21 @@
 """Listener: the actor of one client connection, which decodes what it reads and keeps its
 frames in order, driven by a table of states. See docs/architecture.md section 5.
+
+Against hostile clients (issue 12):
+
+- Until `registered`, the decoder's limit is `max_register_bytes` (a larger frame is
+  `frame_too_large`), and frames are decoded only up to the first `register`: what the client
+  pipelined behind it stays undecoded in the decoder until the outcome, then is decoded under
+  the limit that outcome brings (`max_frame` once registered), so a big publish pipelined
+  behind `register` is not refused as too large. (The connection's read limit, which bounds
+  the bytes held meanwhile, is the edge's: `netedge.py`.)
+- Once registered, one read's frames go to the SubscriberManager as `SessionOps` of at most
+  `OPS_PER_BATCH` ops; the rest of the read waits (reading paused) and goes on from a
+  `call_soon`, so the loop serves other connections' reads and timers in between. Order per
+  connection is kept: one chunk after the other, from this one actor.
+- Error replies never echo more than `ECHO_LIMIT` characters of what the client sent, and an
+  unregistered connection's lines (closed, timed out, protocol error) are debug lines: the
+  ListenerManager sums them up once per interval.
 """
 
 from __future__ import annotations
@@ -14,6 +30,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, cast
 import structlog
 from pykka import ActorRef
 
+from tether.broker.auth_queue import RegisterAbandoned
 from tether.broker.loop_actor import LoopActor, tell
 from tether.broker.messages import (
     ConnectionLost,
@@ -34,6 +51,7 @@ from tether.broker.messages import (
 from tether.broker.netedge import Link
 from tether.protocol import (
     CLIENT_FRAME_TYPES,
+    NEED_DATA,
     Ack,
     ClientFrame,
     Error,
@@ -57,6 +75,14 @@ _log = structlog.get_logger("tether.listener")
 
 
 @dataclass(frozen=True, slots=True)
+class ListenerRegistered:
+    """Listener -> ListenerManager: this connection registered (it is no longer pending, and
+    its read limit goes)."""
+
+    conn_id: int
+
+
+@dataclass(frozen=True, slots=True)
 class CloseConnection:
     """ListenerManager (shutdown) or SessionManager (an operator's disconnect) -> Listener:
     close the connection cleanly, without an error frame; `reason` is for the log."""
@@ -67,6 +93,18 @@ class CloseConnection:
 # At most one `Seen` per connection per this many seconds (or half its keepalive, if less:
 # a client that pings once a keepalive is seen at each ping): `last_seen` to about a second.
 SEEN_INTERVAL = 1.0
+
+# The most ops one `SessionOps` carries: a read of many frames is handed on in chunks of this
+# many, with a loop turn between them (the module's docstring).
+OPS_PER_BATCH = 256
+
+# The most characters of an error message a reply carries: messages may quote what the
+# client sent (a frame type, a field's value), which must not come back unbounded.
+ECHO_LIMIT = 200
+
+
+def _bounded(message: str) -> str:
+    return message if len(message) <= ECHO_LIMIT else message[: ECHO_LIMIT - 3] + "..."
 
 
 class State(enum.Enum):
@@ -117,6 +155,8 @@ class Listener(LoopActor):
         listener_manager: ActorRef[ListenerManager],
         max_frame: int,
         register_timeout: float,
+        max_register_bytes: int | None = None,
+        max_metadata: int | None = None,
     ) -> None:
         super().__init__(loop, loop_thread)
         self._link = link
@@ -125,7 +165,14 @@ class Listener(LoopActor):
         self._session_manager = session_manager
         self._subscribers = subscriber_manager
         self._listener_manager = listener_manager
-        self._decoder = FrameDecoder(max_frame=max_frame, accept=CLIENT_FRAME_TYPES)
+        self._max_frame = max_frame
+        before = max_frame if max_register_bytes is None else min(max_frame, max_register_bytes)
+        if max_metadata is None:
+            self._decoder = FrameDecoder(max_frame=before, accept=CLIENT_FRAME_TYPES)
+        else:
+            self._decoder = FrameDecoder(
+                max_frame=before, accept=CLIENT_FRAME_TYPES, max_metadata=max_metadata
+            )
         self._register_timeout = register_timeout
         self.state = State.AWAITING_REGISTER
         self._socket_closed = False
@@ -133,7 +180,12 @@ class Listener(LoopActor):
         self._done_reading = False  # after unregister or a fatal protocol error
         self._session_id: str | None = None
         self._ended_early: TakenOver | None = None  # see `TakenOver` while registering
+        self._registered = False  # it was `ACTIVE` once
         self._owed_credit = 0
+        self._throttled = False  # a `Throttle(True)` holds reading paused
+        # The rest of a read handed on in chunks, and where it goes on (see OPS_PER_BATCH).
+        self._backlog: list[Item] | None = None
+        self._backlog_at = 0
         # When a read next earns a `Seen` (monotonic): the bind itself counts as seen.
         self._next_seen = 0.0
         self._seen_every = SEEN_INTERVAL
@@ -152,15 +204,46 @@ class Listener(LoopActor):
         if self.state is State.CLOSING or self._done_reading:
             return
         self._decoder.receive_data(data)
-        decoded, fatal = self._decoder.drain()
-        # Only client frames: the decoder was built with `accept=CLIENT_FRAME_TYPES`.
-        items = cast("list[Item]", decoded)
+        if self._backlog is None:
+            self._decode()
+        # else: decoded once the backlog is handed on (reading is paused meanwhile)
+
+    def _decode(self) -> None:
+        """Decode what the decoder holds, as the state allows, and handle it."""
+        if self.state is State.ACTIVE:
+            decoded, fatal = self._decoder.drain()
+            # Only client frames: the decoder was built with `accept=CLIENT_FRAME_TYPES`.
+            items = cast("list[Item]", decoded)
+        elif self.state is State.AWAITING_REGISTER:
+            items, fatal = self._decode_to_register()
+        else:
+            return  # registering: kept undecoded until the outcome says under which limit
         if fatal is not None:
             # Answered after everything before it, then the connection closes.
-            self._log.info("protocol_error", code=str(fatal.code), error=str(fatal))
+            log = self._log.info if self._registered else self._log.debug
+            log("protocol_error", code=str(fatal.code), error=_bounded(str(fatal)))
             items.append(fatal)
             self._done_reading = True
         self._handle_items(items)
+
+    def _decode_to_register(self) -> tuple[list[Item], RemoteProtocolError | None]:
+        """Frames up to and including the first `register`: what follows it is decoded once
+        its outcome is known (under `max_frame` if registered)."""
+        items: list[Item] = []
+        decoder = self._decoder
+        while True:
+            try:
+                frame = decoder.next_frame()
+            except RemoteProtocolError as e:
+                if e.fatal:
+                    return items, e
+                items.append(e)
+                continue
+            if frame is NEED_DATA:
+                return items, None
+            items.append(cast("ClientFrame", frame))
+            if isinstance(frame, Register):
+                return items, None
 
     def on_writable(self, writable: bool) -> None:
         if writable and self._owed_credit and self._session_id is not None:
@@ -174,20 +257,27 @@ class Listener(LoopActor):
 
     def on_deadline(self) -> None:
         if self.state is State.AWAITING_REGISTER:
-            self._log.info("register_timeout")
+            self._log.debug("register_timeout")
             self._fail(ErrorCode.TIMEOUT, "no register within the registration timeout")
 
     def on_closed(self, exc: Exception | None) -> None:
         self._socket_closed = True
         registering = self.state is State.REGISTERING
         self._move("close")
-        self._log.info(
-            "connection_closed", session_id=self._session_id, error=repr(exc) if exc else None
-        )
+        self._backlog = None
+        # An unregistered connection's close is counted and summed up by the ListenerManager:
+        # a flood of them must not be a flood of lines.
+        log = self._log.info if self._registered else self._log.debug
+        log("connection_closed", session_id=self._session_id, error=repr(exc) if exc else None)
         if self._session_id is not None:
             tell(self._session_manager, ConnectionLost(self._session_id, self._conn.conn_id))
         if not registering:
             self._finish()
+        else:
+            # A check still queued for it is dropped unmade (the flood that closes its
+            # connections must not keep the bcrypt pool busy); the supervisor answers, and the
+            # Listener finishes on that answer as on any outcome.
+            tell(self._supervisor, RegisterAbandoned(self._conn.conn_id, self._conn.peer))
 
     # --- messages from the other actors -------------------------------------------------
 
@@ -216,11 +306,14 @@ class Listener(LoopActor):
                 self._link.resume_reading()
                 held, self._held = self._held, []
                 self._handle_items(held)
+                if self.state is State.AWAITING_REGISTER and not self._done_reading:
+                    self._decode()  # what was pipelined behind the rejected register
             case Throttle(paused):
                 # A publisher whose message waits for room is not read meanwhile.
+                self._throttled = paused
                 if paused:
                     self._link.pause_reading()
-                elif not self._done_reading and self.state is State.ACTIVE:
+                elif self._wants_reading():
                     self._link.resume_reading()
             case CloseConnection(reason):
                 # The broker shuts down, or an operator disconnects this client: close without
@@ -272,14 +365,20 @@ class Listener(LoopActor):
             self._fail(ended.code, ended.message)
             return
         self._session_id = msg.session_id
+        self._registered = True
         self._log = self._log.bind(session_id=msg.session_id, client_id=msg.client_id)
         self._link.write(msg.registered)
         self._link.set_idle_timeout(msg.keepalive * 1.5)
         self._seen_every = msg.keepalive / 2
         self._next_seen = time.monotonic() + min(SEEN_INTERVAL, self._seen_every)
+        self._decoder.max_frame = self._max_frame
+        # No longer pending, and no read limit: the ListenerManager lifts it.
+        tell(self._listener_manager, ListenerRegistered(self._conn.conn_id))
         self._link.resume_reading()
         held, self._held = self._held, []
         self._handle_items(held)
+        if self._backlog is None and self.state is State.ACTIVE and not self._done_reading:
+            self._decode()  # what was pipelined behind register, now under max_frame
 
     # --- items read off the wire, by state ----------------------------------------------
     #
@@ -299,7 +398,7 @@ class Listener(LoopActor):
         for index in range(start, len(items)):
             item = items[index]
             if isinstance(item, RemoteProtocolError):
-                link.write(encode(Error(req=item.req, code=item.code, message=str(item))))
+                link.write(encode(Error(req=item.req, code=item.code, message=_bounded(str(item)))))
                 if item.fatal:
                     self._close()
                     return len(items)
@@ -336,11 +435,16 @@ class Listener(LoopActor):
             tell(self._session_manager, Seen(self._session_id, self._conn.conn_id, time.time()))
         ops: list[ClientFrame | Error] = []
         close = False
-        for item in items[start:] if start else items:
+        end = len(items)
+        if end - start > OPS_PER_BATCH:
+            # The rest of this read goes on after a loop turn: see OPS_PER_BATCH.
+            end = start + OPS_PER_BATCH
+            self._backlog, self._backlog_at = items, end
+        for item in items[start:end] if start or end < len(items) else items:
             if item.__class__ is Publish or item.__class__ is Ack:
                 ops.append(item)  # the per-message hot path: no further checks
             elif isinstance(item, RemoteProtocolError):
-                ops.append(Error(req=item.req, code=item.code, message=str(item)))
+                ops.append(Error(req=item.req, code=item.code, message=_bounded(str(item))))
                 if item.fatal:
                     close = True
                     break
@@ -368,11 +472,38 @@ class Listener(LoopActor):
                 elif isinstance(item, Unregister):
                     # Nothing after unregister is read: the broker closes once it answers.
                     self._done_reading = True
+                    self._backlog = None
                     self._link.pause_reading()
                     break
         if ops and self._session_id is not None:
             tell(self._subscribers, SessionOps(self._session_id, self._conn, tuple(ops), close))
+        if self._backlog is not None and self._backlog_at == end:
+            # A fresh backlog: hold reading until it is handed on.
+            self._link.pause_reading()
+            self.loop.call_soon(self._next_chunk)
         return len(items)
+
+    def _next_chunk(self) -> None:
+        items, self._backlog = self._backlog, None
+        # A fatal error read before still goes on (it ends the last chunk); after unregister
+        # or a close there is no backlog.
+        if items is None or self.state is not State.ACTIVE:
+            return
+        self._items_active(items, self._backlog_at)
+        if self._backlog is None:
+            # Handed on in full: read again, starting with what came meanwhile.
+            if self._wants_reading():
+                self._link.resume_reading()
+            if self._decoder.buffered and not self._done_reading:
+                self._decode()
+
+    def _wants_reading(self) -> bool:
+        return (
+            self.state is State.ACTIVE
+            and not self._done_reading
+            and not self._throttled
+            and self._backlog is None
+        )
 
     def _items_closing(self, items: list[Item], start: int) -> int:
         return len(items)  # the socket is gone: nothing read is acted on

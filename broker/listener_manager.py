@@ -1,12 +1,26 @@
-"""ListenerManager: owns the listening socket and spawns one Listener per connection.
+"""ListenerManager: owns the listening sockets and spawns one Listener per connection.
 
-See docs/architecture.md sections 2 and 4.
+See docs/architecture.md sections 2 and 4. Against hostile clients (issue 12) the accept path
+is where connections are cheapest to refuse, so the bounds live here:
+
+- **Pending connections** (accepted, not yet registered) are bounded per source address and in
+  all (`pending.py`). Over a bound, the socket is closed at accept, before any transport or
+  Listener exists; the refusals are counted and logged at most once per interval.
+- **Before registration** a connection reads at most `max_register_bytes` in all (its
+  `Connection`'s read limit, lifted here when its Listener reports `ListenerRegistered`).
+- **Open files**: accepting pauses while the open connections are within `FD_MARGIN` of the
+  soft open-file limit and resumes as they close; `accept()` failing for lack of descriptors
+  backs off (`acceptor.py`). The backlog is 512, not 4,096: a queue the broker cannot serve
+  soon only makes clients wait longer before they learn.
+- **Loop errors** are logged by a rate-limited exception handler (`logthrottle.py`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
+import socket
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -14,10 +28,14 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from pykka import ActorRef
 
-from tether.broker.listener import CloseConnection, Listener
+from tether.broker.acceptor import Acceptor, bind
+from tether.broker.listener import CloseConnection, Listener, ListenerRegistered
+from tether.broker.logthrottle import LogThrottle, LoopErrors
 from tether.broker.loop_actor import LoopActor, tell
 from tether.broker.messages import GetMetrics, GetStats, ListenerClosed
 from tether.broker.netedge import Connection, ConnectionHandler
+from tether.broker.openfiles import connection_capacity
+from tether.broker.pending import PendingConnections
 from tether.broker.sessions import BrokerDraining
 
 if TYPE_CHECKING:
@@ -27,7 +45,7 @@ if TYPE_CHECKING:
 
 _log = structlog.get_logger("tether.listeners")
 
-LISTEN_BACKLOG = 4096
+LISTEN_BACKLOG = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +82,10 @@ class ListenerManager(LoopActor):
         max_frame: int,
         register_timeout: float,
         high_water: int,
+        max_register_bytes: int | None = None,
+        max_pending_connections: int = 10_000,
+        max_pending_per_address: int = 2_000,
+        max_metadata: int | None = None,
     ) -> None:
         super().__init__(loop, loop_thread)
         self._supervisor = supervisor
@@ -72,11 +94,25 @@ class ListenerManager(LoopActor):
         self._max_frame = max_frame
         self._register_timeout = register_timeout
         self._high_water = high_water
+        self._max_register_bytes = max_register_bytes
+        self._max_metadata = max_metadata
         self._conn_ids = itertools.count(1)
         self._listeners: dict[int, ActorRef[Listener]] = {}
-        self._server: asyncio.Server | None = None
+        # Connections accepted and not yet closed, Listener or not yet (the open-file bound).
+        self._open: set[int] = set()
+        self._links: dict[int, Connection] = {}  # pending ones: their read limit to lift
+        self._pending = PendingConnections(
+            max_total=max_pending_connections, max_per_address=max_pending_per_address
+        )
+        self._capacity: int | None = None  # connections that fit under the open-file limit
+        self._acceptor: Acceptor | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._quiet = LogThrottle(loop, self._log_summary)
+        self._loop_errors: LoopErrors | None = None
         self._drained: threading.Event | None = None  # set by Drain: shutting down
         self.accepted = 0
+        self.accept_pauses = 0
+        self.closed_unregistered = 0
 
     def on_receive(self, message: Any) -> Any:
         match message:
@@ -84,16 +120,15 @@ class ListenerManager(LoopActor):
                 # Answered with a future the caller (outside the loop) waits on.
                 return asyncio.run_coroutine_threadsafe(self._listen(host, port), self.loop)
             case StopListening():
-                if self._server is not None:
-                    self._server.close()
-                    self._server = None
+                self._stop_accepting()
                 for ref in list(self._listeners.values()):
                     ref.stop(block=False)
                 self._listeners.clear()
+                self._open.clear()
+                self._links.clear()
+                self._pending.clear()
             case Drain(drained):
-                if self._server is not None:
-                    self._server.close()
-                    self._server = None
+                self._stop_accepting()
                 self._drained = drained
                 # First, so that the disconnects that follow are told apart as the shutdown's.
                 tell(self._session_manager, BrokerDraining())
@@ -102,8 +137,18 @@ class ListenerManager(LoopActor):
                 if not self._listeners:
                     drained.set()
                 return len(self._listeners)
+            case ListenerRegistered(conn_id):
+                self._pending.release(conn_id)
+                link = self._links.pop(conn_id, None)
+                if link is not None:
+                    link.lift_read_limit()
             case ListenerClosed(conn_id):
                 self._listeners.pop(conn_id, None)
+                if self._links.pop(conn_id, None) is not None:
+                    # Closed before it registered: counted, and summed up in the log.
+                    self.closed_unregistered += 1
+                    self._quiet.hit("closed_unregistered")
+                self._gone(conn_id)
                 if self._drained is not None and not self._listeners:
                     self._drained.set()
             case GetStats():
@@ -112,24 +157,96 @@ class ListenerManager(LoopActor):
                 return {
                     "connections_open": len(self._listeners),
                     "connections_accepted": self.accepted,
+                    "connections_pending": len(self._pending),
+                    "connections_pending_bytes": self._pending_bytes(),
+                    "connections_refused_pending": self._pending.refused,
+                    "connections_closed_unregistered": self.closed_unregistered,
+                    "accept_pauses": self.accept_pauses,
                 }
             case _:
                 return super().on_receive(message)
         return None
 
     async def _listen(self, host: str, port: int) -> tuple[str, int]:
-        self._server = await self.loop.create_server(
-            self._new_connection, host, port, backlog=LISTEN_BACKLOG, reuse_address=True
+        if self._loop_errors is None:
+            # Errors the loop cannot pin on anyone (EMFILE in a transport, a callback that
+            # raised): one line per kind and interval, not one traceback each.
+            self._loop_errors = LoopErrors(self.loop)
+            self.loop.set_exception_handler(self._loop_errors)
+        sockets = await bind(self.loop, host, port, LISTEN_BACKLOG)
+        self._capacity = connection_capacity()
+        self._acceptor = Acceptor(self.loop, sockets, self._accept, self._quiet)
+        self._acceptor.start()
+        sockname = sockets[0].getsockname()
+        _log.info(
+            "listening",
+            host=sockname[0],
+            port=sockname[1],
+            backlog=LISTEN_BACKLOG,
+            connection_capacity=self._capacity,
         )
-        sockname = self._server.sockets[0].getsockname()
-        _log.info("listening", host=sockname[0], port=sockname[1])
         return sockname[0], sockname[1]
 
-    def _new_connection(self) -> Connection:
-        return Connection(self.loop, make_handler=self._spawn, high_water=self._high_water)
+    def _stop_accepting(self) -> None:
+        if self._acceptor is not None:
+            self._acceptor.close()
+            self._acceptor = None
 
-    def _spawn(self, link: Connection) -> ConnectionHandler:
+    # --- the accept path (on the loop thread, outside message handling, like the edge) -----
+
+    def _accept(self, sock: socket.socket, address: Any) -> None:
+        host = str(address[0]) if isinstance(address, tuple) else str(address)
         conn_id = next(self._conn_ids)
+        if not self._pending.admit(conn_id, host):
+            sock.close()  # before a transport or a Listener costs anything
+            self._quiet.hit("refused_pending", address=host)
+            return
+        self._open.add(conn_id)
+        acceptor = self._acceptor
+        if (
+            acceptor is not None
+            and self._capacity is not None
+            and len(self._open) >= self._capacity
+            and not acceptor.paused
+        ):
+            # Near the open-file limit: the next connections wait in the backlog until some
+            # close, rather than failing accept() (EMFILE) over and over.
+            acceptor.pause()
+            self.accept_pauses += 1
+            self._quiet.hit("accept_paused", open=len(self._open), capacity=self._capacity)
+        task = self.loop.create_task(self._serve(conn_id, sock))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, conn_id: int, sock: socket.socket) -> None:
+        make = functools.partial(self._new_connection, conn_id)
+        try:
+            await self.loop.connect_accepted_socket(make, sock)
+        except OSError as e:  # the peer is gone already, or no descriptor for the transport
+            sock.close()
+            self._quiet.hit("serve_failed", error=str(e))
+            self._gone(conn_id)
+
+    def _gone(self, conn_id: int) -> None:
+        self._open.discard(conn_id)
+        self._pending.release(conn_id)
+        acceptor = self._acceptor
+        if (
+            acceptor is not None
+            and acceptor.paused
+            and (self._capacity is None or len(self._open) < self._capacity)
+        ):
+            acceptor.resume()
+
+    def _new_connection(self, conn_id: int) -> Connection:
+        return Connection(
+            self.loop,
+            make_handler=functools.partial(self._spawn, conn_id),
+            high_water=self._high_water,
+            read_limit=self._max_register_bytes,
+        )
+
+    def _spawn(self, conn_id: int, link: Connection) -> ConnectionHandler:
         self.accepted += 1
         listener = Listener(
             self.loop,
@@ -142,9 +259,48 @@ class ListenerManager(LoopActor):
             listener_manager=self.actor_ref,
             max_frame=self._max_frame,
             register_timeout=self._register_timeout,
+            max_register_bytes=self._max_register_bytes,
+            max_metadata=self._max_metadata,
         )
         # Not `Listener.start()`: the connection needs the object itself as its handler (both
         # run on this loop thread), and this manager, not pykka's registry (whose removal is a
         # list scan), keeps the listeners for shutdown.
-        self._listeners[conn_id] = listener.start_unregistered()
+        ref = listener.start_unregistered()
+        self._listeners[conn_id] = ref
+        self._links[conn_id] = link
+        if self._drained is not None:
+            tell(ref, CloseConnection())  # accepted just before the drain stopped accepting
         return listener
+
+    def _pending_bytes(self) -> int:
+        """Bytes read from the connections not registered yet: what they can hold at most."""
+        limit = self._max_register_bytes
+        if limit is None:
+            return 0
+        return sum(limit - (link.read_left or 0) for link in self._links.values())
+
+    def _log_summary(self, kind: str, count: int, fields: dict[str, Any]) -> None:
+        """One line per kind and interval for what hostile clients can repeat at will."""
+        if kind == "refused_pending":
+            _log.warning(
+                "connections_refused",
+                reason="too many pending connections",
+                count=count,
+                pending=len(self._pending),
+                from_address=self._pending.from_address(str(fields.get("address"))),
+                **fields,
+            )
+        elif kind == "closed_unregistered":
+            _log.info("connections_closed_unregistered", count=count)
+        elif kind == "accept_paused":
+            _log.warning(
+                "accepting_paused", reason="near the open-file limit", count=count, **fields
+            )
+        else:
+            _log.warning(kind, count=count, **fields)
+
+    def on_stop(self) -> None:
+        self._stop_accepting()
+        self._quiet.close()
+        if self._loop_errors is not None:
+            self._loop_errors.close()

@@ -11,6 +11,13 @@ that does not read what it is sent cannot make the broker buffer answers without
 idle timer counts silence as "no progress either way": a peer that neither sends nor drains
 its socket for the whole timeout is cut off, one that is merely slow is not.
 
+Read limit (issue 12): a connection may be made with `read_limit`, the bytes it reads in all
+until `lift_read_limit()` (the ListenerManager lifts it once the connection has registered).
+Reads go into a buffer the edge hands the transport (`asyncio.BufferedProtocol`), cut to what
+the limit still allows, so not one byte more is taken from the socket; once the limit is
+spent reading pauses and the rest waits in the socket. So an unregistered peer holds at most
+`read_limit` bytes of the broker's memory, however much it sends.
+
 Everything here runs on the broker's event loop thread, as do the handlers' message handling:
 the handler's state is only ever touched by that thread.
 """
@@ -18,6 +25,7 @@ the handler's state is only ever touched by that thread.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable
 from typing import Protocol
 
@@ -27,6 +35,21 @@ _log = structlog.get_logger("tether.net")
 
 # A connection asked to close with unsent data gets this long to flush before it is cut.
 CLOSE_GRACE = 5.0
+
+# The most one read takes from a socket: asyncio's own figure for a plain Protocol.
+READ_SIZE = 256 * 1024
+LIMITED_READ_SIZE = 4 * 1024  # per read while a read limit is in force (before `registered`)
+
+# One read buffer per thread (per event loop), shared by all its connections: a read's bytes
+# are copied out before the next read can start, and all of it happens on that thread.
+_buffers = threading.local()
+
+
+def _read_buffer() -> memoryview:
+    view: memoryview | None = getattr(_buffers, "view", None)
+    if view is None:
+        view = _buffers.view = memoryview(bytearray(READ_SIZE))
+    return view
 
 
 class ConnectionHandler(Protocol):
@@ -53,13 +76,14 @@ class Link(Protocol):
     def writable(self) -> bool: ...
 
 
-class Connection(asyncio.Protocol):
+class Connection(asyncio.BufferedProtocol):
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
         *,
         make_handler: Callable[[Connection], ConnectionHandler],
         high_water: int,
+        read_limit: int | None = None,
     ) -> None:
         self._loop = loop
         self._make_handler = make_handler
@@ -73,6 +97,8 @@ class Connection(asyncio.Protocol):
         self._writable = True
         self._handler_paused = False  # the handler asked not to read (registering, closing)
         self._closing = False
+        # Bytes this connection may still read (None: no limit); see the module's docstring.
+        self._read_left = read_limit
         self.peer = "?"
 
     # --- asyncio callbacks ---------------------------------------------------------------
@@ -86,6 +112,24 @@ class Connection(asyncio.Protocol):
             self.peer = f"{peername[0]}:{peername[1]}"
         self._last_rx = self._loop.time()
         self._handler = self._make_handler(self)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        view = _read_buffer()
+        left = self._read_left
+        if left is None:
+            return view
+        # Never 0 here: reading pauses when the limit is spent (`_apply_reading`). Before
+        # registration, small reads: a frame declared too large is refused at its prefix,
+        # before the broker has copied much of what its sender piled up.
+        return view[: min(left, LIMITED_READ_SIZE)]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._read_left is not None:
+            self._read_left -= nbytes
+            if self._read_left <= 0:
+                self._apply_reading()
+        # Copied out of the shared buffer before the next read can reuse it.
+        self.data_received(bytes(_read_buffer()[:nbytes]))
 
     def data_received(self, data: bytes) -> None:
         self._last_rx = self._loop.time()
@@ -169,11 +213,21 @@ class Connection(asyncio.Protocol):
         self._handler_paused = False
         self._apply_reading()
 
+    def lift_read_limit(self) -> None:
+        """Read without a limit from now on (the connection registered)."""
+        self._read_left = None
+        self._apply_reading()
+
+    @property
+    def read_left(self) -> int | None:
+        return self._read_left
+
     def _apply_reading(self) -> None:
         transport = self._transport
         if transport is None or self._closing:
             return
-        if self._handler_paused or not self._writable:
+        left = self._read_left
+        if self._handler_paused or not self._writable or (left is not None and left <= 0):
             if transport.is_reading():
                 transport.pause_reading()
         elif not transport.is_reading():

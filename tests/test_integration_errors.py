@@ -376,11 +376,15 @@ def test_long_passwords_are_not_truncated(tmp_path: Path, dial: Dial) -> None:
         # Same first 72 bytes, different tail: must not verify.
         client.send(Register(req=1, client_id="dev", username="longpw", password="p" * 72 + "B"))
         assert_error(client.recv(), "auth_failed", 1)
-        # A huge password neither crashes the listener nor verifies.
-        client.send(Register(req=2, client_id="dev", username="longpw", password="p" * 100_000))
+        # A long password (within --max-register-bytes) neither crashes nor verifies.
+        client.send(Register(req=2, client_id="dev", username="longpw", password="p" * 60_000))
         assert_error(client.recv(), "auth_failed", 2)
         client.send(Register(req=3, client_id="dev", username="longpw", password=long_password))
         assert registered(client.recv()).req == 3
+        # One beyond the register limit (64 KiB by default) is frame_too_large, fatal.
+        other = dial(broker)
+        other.send(Register(req=4, client_id="dev2", username="longpw", password="p" * 100_000))
+        assert_error(other.recv(), "frame_too_large", None)
     finally:
         broker.stop()
 
