@@ -21,7 +21,9 @@ from tether.broker.users import (
     UserNotFoundError,
     UserStore,
     add_user,
+    insecure_mode,
     remove_user,
+    validate_client_id_prefix,
 )
 from tether.cli_common import PROG, CliError, port, positive
 
@@ -154,13 +156,30 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--admin",
         action="store_true",
         default=None,
-        help="the user may subscribe to the broker's $sys/... events (session lifecycle)",
+        help="the user may subscribe to the broker's $sys/... events (session lifecycle) "
+        "and ask for its counters (stats)",
     )
     admin.add_argument(
         "--no-admin",
         dest="admin",
         action="store_false",
         help="with --replace: take the admin mark away",
+    )
+    client_ids = add.add_mutually_exclusive_group()
+    client_ids.add_argument(
+        "--client-id-prefix",
+        dest="client_id_prefixes",
+        action="append",
+        default=None,
+        metavar="PREFIX",
+        help="the user may only register client ids starting with PREFIX (repeatable: any of "
+        "them; with --replace: replaces the list); a register outside them is not_authorized "
+        "(default: any client id)",
+    )
+    client_ids.add_argument(
+        "--any-client-id",
+        action="store_true",
+        help="with --replace: lift the user's client id prefixes (any client id)",
     )
     add.set_defaults(func=_cmd_user_add)
 
@@ -171,7 +190,9 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     _users_argument(remove)
     remove.set_defaults(func=_cmd_user_remove)
 
-    list_ = user_commands.add_parser("list", help="list user names and creation times")
+    list_ = user_commands.add_parser(
+        "list", help="list user names, creation times, admin marks and client id prefixes"
+    )
     _users_argument(list_)
     list_.set_defaults(func=_cmd_user_list)
 
@@ -225,6 +246,21 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         store = UserStore.load(users_path)  # fail here, with a clear line, not in an actor
     except UserFileError as exc:
         return _refuse_start(str(exc))
+    mode = insecure_mode(users_path)
+    if mode is not None:
+        # The file holds password hashes: group or others must not read (or write) it.
+        if not args.insecure_users_file:
+            return _refuse_start(
+                f"users file {users_path} is open to group or others (mode {mode:04o}): "
+                f"run `chmod 600 {users_path}` (or start with --insecure-users-file)"
+            )
+        log.warning(
+            "users_file_insecure",
+            users=str(users_path),
+            mode=f"{mode:04o}",
+            hint=f"chmod 600 {users_path}",
+            accepted="--insecure-users-file",
+        )
     if not users_path.exists():
         log.warning(
             "users file not found: nobody can log in",
@@ -298,6 +334,12 @@ def _cmd_user_add(args: argparse.Namespace) -> int:
             f"directory {users.parent} does not exist: create it first "
             f"(mkdir -p {users.parent}) or check --users"
         )
+    prefixes: list[str] | None = [] if args.any_client_id else args.client_id_prefixes
+    for prefix in prefixes or ():
+        try:
+            validate_client_id_prefix(prefix)  # before the password prompt
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
     password = read_password(args.name)
     if not password:
         raise CliError("empty password refused")
@@ -311,6 +353,7 @@ def _cmd_user_add(args: argparse.Namespace) -> int:
             replace=args.replace,
             end_sessions=args.end_sessions,
             admin=args.admin,
+            client_id_prefixes=prefixes,
         )
     except UserExistsError as exc:
         raise CliError(f"{exc} (use --replace to change the password)") from None
@@ -349,5 +392,10 @@ def _cmd_user_list(args: argparse.Namespace) -> int:
     for name in store.names():
         record = store.get(name)
         if record is not None:
-            print(f"{name}\t{record.created}" + ("\tadmin" if record.admin else ""))
+            line = f"{name}\t{record.created}" + ("\tadmin" if record.admin else "")
+            if record.client_id_prefixes is not None:
+                # repr: a prefix may hold spaces or commas.
+                shown = ", ".join(repr(p) for p in record.client_id_prefixes)
+                line += f"\tclient ids starting with {shown}"
+            print(line)
     return 0

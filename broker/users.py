@@ -3,12 +3,16 @@
 Format (JSON)::
 
     {"version": 3, "users": {"NAME": {"hash": "bcrypt-sha256$...", "created": "ISO-8601 UTC",
-                                      "sessions_valid_after": "ISO-8601 UTC", "admin": true}}}
+                                      "sessions_valid_after": "ISO-8601 UTC", "admin": true,
+                                      "client_id_prefixes": ["sensor-"]}}}
 
 `sessions_valid_after` (version 2, optional) is written by `tether user add NAME --replace
 --end-sessions`: the user's sessions created before that moment are void, and a broker ends
 them. `admin` (version 3, optional, written by `tether user add NAME --admin`) lets the user
-subscribe to the broker's `$sys/...` topics. A file is written at the lowest version that holds
+subscribe to the broker's `$sys/...` topics. `client_id_prefixes` (version 3, optional, written
+by `tether user add NAME --client-id-prefix P`, repeatable) limits the client ids the user may
+register to those starting with one of the prefixes (absent: any), so another user cannot
+squat a fleet's ids. A file is written at the lowest version that holds
 it (1 while no user has the newer fields), so a file an older broker can read stays readable by
 it; a broker refuses a file whose version is newer than `FILE_VERSION` instead of ignoring
 fields it does not know (a rolled-back broker never drops an `admin` mark silently).
@@ -23,8 +27,9 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import unicodedata
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -44,14 +49,17 @@ __all__ = [
     "UserRecord",
     "UserStore",
     "add_user",
+    "insecure_mode",
     "remove_user",
+    "validate_client_id_prefix",
     "validate_name",
 ]
 
 # The newest users file format this code reads and writes (1: hash and created; 2: adds
-# sessions_valid_after; 3: adds admin).
+# sessions_valid_after; 3: adds admin and client_id_prefixes).
 FILE_VERSION = 3
 MAX_NAME_LENGTH = 128
+MAX_PREFIX_LENGTH = 128  # a client id is at most 128 characters (protocol MAX_CLIENT_ID_CHARS)
 FILE_MODE = 0o600  # the file holds password hashes
 
 
@@ -79,6 +87,12 @@ class UserRecord:
     sessions_valid_after: str | None = None
     # May subscribe to `$sys/...` (version 3).
     admin: bool = False
+    # The client ids this user may register start with one of these; None: any (version 3).
+    client_id_prefixes: tuple[str, ...] | None = None
+
+    def client_id_allowed(self, client_id: str) -> bool:
+        prefixes = self.client_id_prefixes
+        return prefixes is None or client_id.startswith(prefixes)
 
     def valid_after(self) -> float | None:
         """`sessions_valid_after` as seconds since the epoch (as `Session.created` is)."""
@@ -97,14 +111,39 @@ def validate_name(name: str) -> None:
             raise UserNameError(f"user name must not contain control characters: {name!r}")
 
 
+def validate_client_id_prefix(prefix: str) -> None:
+    """Raise `ValueError` unless `prefix` is 1..128 characters with no control characters."""
+    if not isinstance(prefix, str) or not 1 <= len(prefix) <= MAX_PREFIX_LENGTH:
+        raise ValueError(
+            f"a client id prefix must be a string of 1 to {MAX_PREFIX_LENGTH} characters, "
+            f"got {prefix!r}"
+        )
+    if any(unicodedata.category(ch) in ("Cc", "Cs") for ch in prefix):
+        raise ValueError(f"a client id prefix must not contain control characters: {prefix!r}")
+
+
+def insecure_mode(path: str | os.PathLike[str]) -> int | None:
+    """The permission bits of the file at `path` if group or others may use it (it holds
+    password hashes: `chmod 600` it), else None (also when there is no file to look at)."""
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return None
+    return mode if mode & 0o077 else None
+
+
 class UserStore:
     """An immutable name -> hash table, as read from the users file."""
 
-    __slots__ = ("_users",)
+    __slots__ = ("_claimed", "_users")
 
     def __init__(self, users: Mapping[str, UserRecord] | None = None) -> None:
         # A private copy behind a read-only view: nobody can change a loaded store.
         self._users: Mapping[str, UserRecord] = MappingProxyType(dict(users or {}))
+        # Every prefix some user is limited to: reserved to those users.
+        self._claimed: tuple[str, ...] = tuple(
+            sorted({p for r in self._users.values() for p in r.client_id_prefixes or ()})
+        )
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> UserStore:
@@ -129,6 +168,18 @@ class UserStore:
     def is_admin(self, name: str) -> bool:
         record = self._users.get(name)
         return record is not None and record.admin
+
+    def client_id_allowed(self, name: str, client_id: str) -> bool:
+        """May user `name` register `client_id`? A user with prefixes may use only ids that
+        start with one of them; a user without may use any id that no other user's prefixes
+        claim (so a fleet's ids cannot be squatted: bob cannot take `alice-sensor` once alice
+        is limited to `alice-`). False for no user."""
+        record = self._users.get(name)
+        if record is None:
+            return False
+        if record.client_id_prefixes is not None:
+            return record.client_id_allowed(client_id)
+        return not (self._claimed and client_id.startswith(self._claimed))
 
     def valid_after(self) -> dict[str, float | None]:
         """Every user -> the time before which their sessions are void (None: all valid)."""
@@ -203,6 +254,7 @@ def _parse(raw: bytes, path: Path) -> dict[str, UserRecord]:
                 raise bad(f'user {name!r}: "admin" needs "version": 3')
             if type(admin) is not bool:
                 raise bad(f'user {name!r}: "admin" must be true or false')
+        prefixes = _parse_prefixes(entry, version, name, bad)
         if not is_valid_hash(hash_):
             # Caught here, not at every login: such a user could never log in.
             raise bad(
@@ -210,9 +262,32 @@ def _parse(raw: bytes, path: Path) -> dict[str, UserRecord]:
                 "writes (set the password again with: tether user add NAME --replace)"
             )
         records[name] = UserRecord(
-            hash=hash_, created=created, sessions_valid_after=valid_after, admin=admin
+            hash=hash_,
+            created=created,
+            sessions_valid_after=valid_after,
+            admin=admin,
+            client_id_prefixes=prefixes,
         )
     return records
+
+
+def _parse_prefixes(
+    entry: dict[str, Any], version: int, name: str, bad: Callable[[str], UserFileError]
+) -> tuple[str, ...] | None:
+    if "client_id_prefixes" not in entry:
+        return None
+    raw = entry["client_id_prefixes"]
+    if version < 3:
+        raise bad(f'user {name!r}: "client_id_prefixes" needs "version": 3')
+    # An empty list would lock the user out for good: absent is how "any" is said.
+    if not isinstance(raw, list) or not raw:
+        raise bad(f'user {name!r}: "client_id_prefixes" must be a non-empty list of strings')
+    for prefix in raw:
+        try:
+            validate_client_id_prefix(prefix)
+        except ValueError as exc:
+            raise bad(f"user {name!r}: {exc}") from exc
+    return tuple(raw)
 
 
 def _parse_time(text: str) -> datetime:
@@ -234,15 +309,17 @@ def _now_iso(timespec: str = "seconds") -> str:
 
 def _write(path: Path, users: Mapping[str, UserRecord]) -> None:
     """Write the whole file, at the lowest version that holds what it says."""
-    entries: dict[str, dict[str, str | bool]] = {}
+    entries: dict[str, dict[str, str | bool | list[str]]] = {}
     for name, record in sorted(users.items()):
-        entry: dict[str, str | bool] = {"hash": record.hash, "created": record.created}
+        entry: dict[str, str | bool | list[str]] = {"hash": record.hash, "created": record.created}
         if record.sessions_valid_after is not None:
             entry["sessions_valid_after"] = record.sessions_valid_after
         if record.admin:
             entry["admin"] = True
+        if record.client_id_prefixes is not None:
+            entry["client_id_prefixes"] = list(record.client_id_prefixes)
         entries[name] = entry
-    if any(r.admin for r in users.values()):
+    if any(r.admin or r.client_id_prefixes is not None for r in users.values()):
         version = 3
     elif any(r.sessions_valid_after is not None for r in users.values()):
         version = 2
@@ -270,14 +347,20 @@ def add_user(
     replace: bool = False,
     end_sessions: bool = False,
     admin: bool | None = None,
+    client_id_prefixes: Sequence[str] | None = None,
 ) -> None:
     """Add `name` to the users file (creating the file, never its directory), or change their
     password with replace=True; end_sessions=True also voids the sessions they have now.
-    `admin`: mark the user admin (True) or not (False); None keeps what a replaced user had."""
+    `admin`: mark the user admin (True) or not (False); None keeps what a replaced user had.
+    `client_id_prefixes`: the prefixes the user's client ids must start with; an empty
+    sequence allows any client id; None keeps what a replaced user had (a new user: any)."""
     path = Path(path)
     validate_name(name)
     if not password:
         raise ValueError("password must not be empty")
+    if client_id_prefixes is not None:
+        for prefix in client_id_prefixes:
+            validate_client_id_prefix(prefix)
     _check_directory(path)
     # Load first: a malformed file is an error, never silently overwritten.
     store = UserStore.load(path)
@@ -295,8 +378,18 @@ def add_user(
     users = dict(store.records())
     if admin is None:
         admin = existing.admin if existing is not None else False
+    prefixes: tuple[str, ...] | None
+    if client_id_prefixes is None:
+        prefixes = existing.client_id_prefixes if existing is not None else None
+    else:
+        # Order kept, repeats dropped; none given: any client id.
+        prefixes = tuple(dict.fromkeys(client_id_prefixes)) or None
     users[name] = UserRecord(
-        hash=hashed, created=created, sessions_valid_after=valid_after, admin=admin
+        hash=hashed,
+        created=created,
+        sessions_valid_after=valid_after,
+        admin=admin,
+        client_id_prefixes=prefixes,
     )
     _write(path, users)
 

@@ -1,12 +1,15 @@
 """UserWatcher: reloads the users file when it changes, off the loop.
 
-A small thread looks at the file's (inode, size, mtime) once a second; `tether user add` and
-`remove` replace the file by a rename, so every write changes the inode. A change (or
-`reload()`, which SIGHUP calls) reads the file on that thread (JSON, no bcrypt) and hands the
-new `UserStore` to `on_loaded`, which `tell`s the supervisor: the loop never reads a file. A
-file that does not load (malformed, a newer format version, unreadable) is logged as
-`users_reload_failed` once per change, and the users loaded before stay in force; so is a
-file that disappears (removing every user is `tether user remove`, which rewrites it).
+A small thread looks at the file's (inode, size, mtime, mode) once a second; `tether user add`
+and `remove` replace the file by a rename, so every write changes the inode; a `chmod` changes
+the mode. A change (or `reload()`, which SIGHUP calls) reads the file on that thread (JSON, no
+bcrypt) and hands the new `UserStore` to `on_loaded`, which `tell`s the supervisor: the loop
+never reads a file. A file that does not load (malformed, a newer format version,
+unreadable) is logged as `users_reload_failed` once per change, and the users loaded before
+stay in force; so is a file that disappears (removing every user is `tether user remove`,
+which rewrites it). A file that group or others may access is still loaded (refusing it would
+keep stale users in force), but each such load logs `users_file_insecure` with the `chmod` to
+run.
 """
 
 from __future__ import annotations
@@ -18,14 +21,14 @@ from pathlib import Path
 
 import structlog
 
-from tether.broker.users import UserFileError, UserStore
+from tether.broker.users import UserFileError, UserStore, insecure_mode
 
 __all__ = ["UserWatcher"]
 
 _log = structlog.get_logger("tether.userwatch")
 
 # What identifies one version of the file; None: there is no file.
-_Key = tuple[int, int, int] | None
+_Key = tuple[int, int, int, int] | None
 
 
 def _key(path: Path) -> _Key:
@@ -35,8 +38,8 @@ def _key(path: Path) -> _Key:
         return None
     except OSError as exc:
         # Unreadable metadata counts as "changed": the load below reports why.
-        return (-1, -1, hash(exc.errno))
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
+        return (-1, -1, hash(exc.errno), -1)
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_mode)
 
 
 class UserWatcher:
@@ -103,4 +106,12 @@ class UserWatcher:
                 )
                 continue
             _log.info("users_file_loaded", path=str(self._path), users=len(users))
+            mode = insecure_mode(self._path)
+            if mode is not None:
+                _log.warning(
+                    "users_file_insecure",
+                    path=str(self._path),
+                    mode=f"{mode:04o}",
+                    hint=f"chmod 600 {self._path}",
+                )
             self._on_loaded(users)

@@ -21,6 +21,7 @@ from .errors import (
     ProtocolError,
     RemoteProtocolError,
 )
+from .fields import DEFAULT_MAX_METADATA, MAX_METADATA_DEPTH, MAX_METADATA_OBJECTS
 from .frames import (
     BROKER_FRAME_TYPES,
     CLIENT_FRAME_TYPES,
@@ -55,11 +56,14 @@ __all__ = [
     "BROKER_FRAME_TYPES",
     "CLIENT_FRAME_TYPES",
     "DEFAULT_MAX_FRAME",
+    "DEFAULT_MAX_METADATA",
     "DELIVER_HEADROOM",
     "FATAL_CODES",
     "FRAME_TYPES",
     "HEALTH_STATUSES",
     "MAX_CLIENT_ID_CHARS",
+    "MAX_METADATA_DEPTH",
+    "MAX_METADATA_OBJECTS",
     "MAX_TOPIC_CHARS",
     "NEED_DATA",
     "Ack",

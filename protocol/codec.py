@@ -13,7 +13,8 @@ from typing import Any, Final
 import msgpack
 
 from .errors import BadFrame, BadRequest, FrameTooLarge, RemoteProtocolError
-from .frames import DEFAULT_MAX_FRAME, FRAME_TYPES, Frame
+from .fields import DEFAULT_MAX_METADATA, MAX_METADATA_DEPTH, MAX_METADATA_OBJECTS
+from .frames import DEFAULT_MAX_FRAME, FRAME_TYPES, Frame, Ping, Publish, Register
 from .maps import from_wire, to_wire
 
 __all__ = [
@@ -67,10 +68,38 @@ def _check_nested(root: object) -> None:
             raise BadFrame("msgpack ext types are not allowed")
 
 
-def _wire_map(body: bytes | bytearray) -> dict[str, Any]:
-    """The frame body as a map with str keys and a str `type`, or `BadFrame`."""
+def _wire_map(body: bytes | bytearray, bound: int, hook: Any) -> dict[str, Any]:
+    """The frame body as a map with str keys and a str `type`, or `BadFrame` (or, for a
+    well-formed body over the limits, `BadRequest`). Each map and array is limited to `bound`
+    items, and `hook` (unless None) counts them."""
+    # Keyword arguments spelled out, not splatted from a dict: this is the hot path.
     try:
-        m = msgpack.unpackb(body, raw=False, strict_map_key=False, ext_hook=_reject_ext)
+        if hook is None:
+            m = msgpack.unpackb(
+                body,
+                raw=False,
+                strict_map_key=False,
+                ext_hook=_reject_ext,
+                max_map_len=bound,
+                max_array_len=bound,
+            )
+        else:
+            m = msgpack.unpackb(
+                body,
+                raw=False,
+                strict_map_key=False,
+                ext_hook=_reject_ext,
+                max_map_len=bound,
+                max_array_len=bound,
+                object_hook=hook,
+                list_hook=hook,
+            )
+    except _TooComplex:
+        raise _over_limit(body, f"holds more than {_MAX_CONTAINERS} maps and arrays") from None
+    except ValueError as e:
+        if "exceeds max_" not in str(e):  # msgpack's wording for its max_*_len limits
+            raise BadFrame(f"undecodable frame body: {e}") from None
+        raise _over_limit(body, f"has a map or array over the limit of {_MAX_LEN} items") from None
     except Exception as e:  # msgpack raises several unrelated types for bad input
         raise BadFrame(f"undecodable frame body: {e}") from None
     if m.__class__ is not dict:
@@ -87,32 +116,174 @@ def _wire_map(body: bytes | bytearray) -> dict[str, Any]:
     return wire
 
 
+# Limits on frames from a client (see FrameDecoder): no legitimate frame comes near them, as
+# its only free-form parts are `metadata`/`details` (MAX_METADATA_OBJECTS keys and values in
+# all). Each map or array is checked at its header, before its items are built; the count of
+# maps and arrays is checked as each one is finished, so a refused frame has built at most
+# _MAX_CONTAINERS of them, each of at most _MAX_LEN items.
+_MAX_LEN = MAX_METADATA_OBJECTS
+_MAX_CONTAINERS = MAX_METADATA_OBJECTS + 16
+# Every msgpack object takes at least one byte, so a body this small builds at most this many
+# objects whatever it holds: only larger bodies pay for the counting hooks (the hot path's
+# publishes are mostly small; a large one's copy dwarfs the hook).
+_COUNT_OVER = 4096
+
+
+# First bytes of a msgpack map or array: fixmap, fixarray, array 16/32, map 16/32.
+_CONTAINER_HEADS = frozenset((*range(0x80, 0xA0), 0xDC, 0xDD, 0xDE, 0xDF))
+
+
+class _TooComplex(Exception):
+    """Raised from the unpacker's hooks: the frame holds more than _MAX_CONTAINERS."""
+
+
+def _over_limit(body: bytes | bytearray, why: str) -> RemoteProtocolError:
+    """The error for a body the bounded unpacker refused: `BadRequest` echoing its `req` if
+    the body is well-formed msgpack (skipped without building anything), else `BadFrame`."""
+    u = msgpack.Unpacker(
+        raw=False,
+        strict_map_key=False,
+        ext_hook=_reject_ext,
+        max_map_len=_MAX_LEN,
+        max_array_len=_MAX_LEN,
+        max_buffer_size=max(len(body), 1),
+    )
+    u.feed(body)
+    ftype: object = None
+    req: object = None
+    try:
+        n = u.read_map_header()
+        for _ in range(n):
+            key = u.unpack()
+            # Only a scalar `type` or `req` is of use: a map or array there is skipped too
+            # (skipping builds no objects and ignores the max_*_len limits).
+            if (key == "type" or key == "req") and body[u.tell()] not in _CONTAINER_HEADS:
+                if key == "type":
+                    ftype = u.unpack()
+                else:
+                    req = u.unpack()
+            else:
+                u.skip()
+        if u.tell() != len(body):
+            raise ValueError("trailing bytes after the frame map")
+    except Exception as e:  # msgpack raises several unrelated types for bad input
+        return BadFrame(f"undecodable frame body: {e}")
+    ftype = ftype if ftype.__class__ is str else None
+    return BadRequest(
+        f"{ftype or 'frame'} {why} (metadata and details: at most {MAX_METADATA_OBJECTS} keys "
+        "and values)",
+        req=req if req.__class__ is int else None,
+        frame_type=ftype if isinstance(ftype, str) else None,
+    )
+
+
+def _check_free_map(
+    value: dict[Any, Any], ftype: str, field: str, req: int | None, max_bytes: int
+) -> None:
+    """Raise `BadRequest` naming the limit if `value` (a decoded metadata or details map) is
+    over MAX_METADATA_DEPTH, MAX_METADATA_OBJECTS or `max_bytes` encoded."""
+    problem = None
+    count = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack and problem is None:
+        x, depth = stack.pop()
+        if depth > MAX_METADATA_DEPTH:
+            problem = f"nests deeper than the limit of {MAX_METADATA_DEPTH} levels"
+        elif x.__class__ is dict:
+            count += 2 * len(x)
+            stack.extend((v, depth + 1) for v in x.values() if v.__class__ in _CONTAINERS)
+        else:
+            count += len(x)
+            stack.extend((v, depth + 1) for v in x if v.__class__ in _CONTAINERS)
+        if count > MAX_METADATA_OBJECTS:
+            problem = f"holds more than the limit of {MAX_METADATA_OBJECTS} keys and values"
+    if problem is None:
+        # Bounded by now (at most MAX_METADATA_OBJECTS items), so re-packing it is cheap.
+        size = len(msgpack.packb(value, use_bin_type=True))
+        if size <= max_bytes:
+            return
+        problem = f"is {size} bytes encoded, over the limit of {max_bytes} (max_metadata)"
+    raise BadRequest(f"{ftype}.{field} {problem}", req=req, frame_type=ftype, field=field)
+
+
+_CONTAINERS = (dict, list)
+
+
 class FrameDecoder:
     """Incremental decoder: feed bytes with `receive_data`, pull frames with `next_frame`.
 
     `BadFrame`/`FrameTooLarge` are fatal: the decoder keeps raising the same error and
     discards further input. `BadRequest` is not: that frame is consumed and the next call
     continues with the following one.
+
+    A decoder that accepts `register` or `ping` reads a client's frames and bounds them while
+    they are decoded: each map or array at most MAX_METADATA_OBJECTS items, a frame at most
+    MAX_METADATA_OBJECTS + 16 maps and arrays in all (either is `BadRequest`, as is a
+    `metadata`/`details` map over `max_metadata` encoded bytes, MAX_METADATA_DEPTH levels or
+    MAX_METADATA_OBJECTS keys and values). Nesting deeper than msgpack's own stack (1,024
+    levels) stays `BadFrame`.
     """
 
-    __slots__ = ("_accept", "_buf", "_error", "_max_frame", "_pos")
+    __slots__ = (
+        "__weakref__",
+        "_accept",
+        "_bound",
+        "_buf",
+        "_error",
+        "_hook",
+        "_left",
+        "_max_frame",
+        "_max_metadata",
+        "_pos",
+    )
 
     def __init__(
-        self, *, max_frame: int = DEFAULT_MAX_FRAME, accept: Mapping[str, type] = FRAME_TYPES
+        self,
+        *,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        accept: Mapping[str, type] = FRAME_TYPES,
+        max_metadata: int = DEFAULT_MAX_METADATA,
     ) -> None:
         if isinstance(max_frame, bool) or not isinstance(max_frame, int) or max_frame < 1:
             raise ValueError(f"max_frame must be a positive int, got {max_frame!r}")
+        if isinstance(max_metadata, bool) or not isinstance(max_metadata, int) or max_metadata < 1:
+            raise ValueError(f"max_metadata must be a positive int, got {max_metadata!r}")
         self._max_frame = max_frame
+        self._max_metadata = max_metadata
         self._accept = accept
         # Consumed bytes are skipped via _pos and compacted lazily: decoding many frames
         # from one big chunk stays O(n) instead of shifting the buffer per frame.
         self._buf = bytearray()
         self._pos = 0
         self._error: RemoteProtocolError | None = None
+        self._left = _MAX_CONTAINERS
+        # A peer that sends register/ping is a client: untrusted input, bounded as decoded.
+        # Otherwise (a client reading its broker) msgpack's own bound: the body's length.
+        self._bound = _MAX_LEN if "register" in accept or "ping" in accept else -1
+        self._hook = self._count
+
+    def _count(self, container: Any) -> Any:
+        """The unpacker's hook for each finished map and array: count it against the budget."""
+        self._left -= 1
+        if self._left < 0:
+            raise _TooComplex
+        return container
+
+    @property
+    def max_metadata(self) -> int:
+        return self._max_metadata
 
     @property
     def max_frame(self) -> int:
         return self._max_frame
+
+    @max_frame.setter
+    def max_frame(self, limit: int) -> None:
+        """Change the limit for the frames not yet read (a broker reads a `register` under a
+        smaller limit than what follows it)."""
+        if limit < 1:
+            raise ValueError("max_frame must be >= 1")
+        self._max_frame = limit
 
     @property
     def accept(self) -> Mapping[str, type]:
@@ -167,6 +338,10 @@ class FrameDecoder:
         size = len(buf)
         max_frame = self._max_frame
         accept = self._accept
+        bound = self._bound
+        # Frames over this size are counted as they are decoded.
+        counted = _COUNT_OVER if bound > 0 else max_frame
+        publish_cls, register_cls, ping_cls = Publish, Register, Ping
         unpack_prefix = _PREFIX.unpack_from
         append = items.append
         fatal: RemoteProtocolError | None = None
@@ -183,15 +358,29 @@ class FrameDecoder:
             end = pos + 4 + n
             if end > size:
                 break
+            if n > counted:
+                self._left = _MAX_CONTAINERS
+                hook = self._hook
+            else:
+                hook = None
             try:
-                m = _wire_map(buf[pos + 4 : end])
+                m = _wire_map(buf[pos + 4 : end], bound, hook)
             except BadFrame as e:
                 fatal = e
                 break
+            except BadRequest as e:
+                pos = end
+                limit -= 1
+                append(e)
+                continue
             pos = end
             limit -= 1
             try:
-                append(from_wire(m, accept=accept))
+                frame = from_wire(m, accept=accept)
+                cls = frame.__class__
+                if cls is not publish_cls and (cls is register_cls or cls is ping_cls):
+                    self._check_free(frame)  # type: ignore[arg-type]
+                append(frame)
             except BadRequest as e:
                 append(e)
         self._pos = pos
@@ -201,6 +390,16 @@ class FrameDecoder:
             self._buf = bytearray()
             self._pos = 0
         return items, fatal
+
+    def _check_free(self, frame: Register | Ping) -> None:
+        if isinstance(frame, Register):
+            meta = frame.metadata
+            if meta:
+                _check_free_map(meta, "register", "metadata", frame.req, self._max_metadata)
+        else:
+            details = frame.details
+            if details:
+                _check_free_map(details, "ping", "details", frame.req, self._max_metadata)
 
     def frames(self) -> Iterator[Frame]:
         """Yield frames until `NEED_DATA`; errors propagate like from `next_frame`."""

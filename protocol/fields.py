@@ -15,6 +15,12 @@ MAX_TOPIC_CHARS = 256
 MAX_CLIENT_ID_CHARS = 128
 MAX_KEEPALIVE = 65535
 HEALTH_STATUSES = frozenset({"healthy", "degraded", "unhealthy"})
+# A register's `metadata` and a ping's `details` are free-form maps: bounded in encoded size
+# (the decoder's `max_metadata`), nesting (the map itself is level 1) and keys plus values in
+# all, so a small frame cannot become a huge tree of Python objects.
+DEFAULT_MAX_METADATA = 8 * 1024
+MAX_METADATA_DEPTH = 8
+MAX_METADATA_OBJECTS = 256
 
 # msgpack can only carry int64/uint64; checking here keeps encode() from failing later.
 _INT_MIN = -(1 << 63)

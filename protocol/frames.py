@@ -1,6 +1,7 @@
 """The frame dataclasses and their mapping to and from msgpack maps. Frames validate on
 construction (`LocalProtocolError`); `from_wire` turns that into `BadRequest` for a peer's
-frame. Free-form maps (`metadata`, `details`) need only be msgpack-encodable."""
+frame. Free-form maps (`metadata`, `details`) need only be msgpack-encodable here; their size,
+depth and count limits are the decoder's (codec.FrameDecoder, `max_metadata`)."""
 
 from __future__ import annotations
 

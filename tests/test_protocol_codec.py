@@ -16,6 +16,7 @@ from tether.protocol import (
     BROKER_FRAME_TYPES,
     CLIENT_FRAME_TYPES,
     DEFAULT_MAX_FRAME,
+    DEFAULT_MAX_METADATA,
     FRAME_TYPES,
     HEALTH_STATUSES,
     MAX_CLIENT_ID_CHARS,
@@ -50,6 +51,7 @@ from tether.protocol import (
     encode_many,
     encode_map,
 )
+from tether.protocol.codec import _check_free_map
 
 # --- strategies ----------------------------------------------------------------------------
 
@@ -78,10 +80,21 @@ msgpack_values = st.recursive(
     ),
     max_leaves=12,
 )
+
+
+def _fits(m: dict[Any, Any]) -> bool:
+    """Within the decoder's limits on metadata and details (size, depth, objects)."""
+    try:
+        _check_free_map(m, "register", "metadata", None, DEFAULT_MAX_METADATA)
+    except BadRequest:
+        return False
+    return True
+
+
 # Keys may be any msgpack scalar on the wire, though the field is typed dict[str, Any].
 msgpack_maps: st.SearchStrategy[dict[Any, Any]] = st.dictionaries(
-    st.text(max_size=10) | st.integers(-100, 100), msgpack_values
-)
+    st.text(max_size=10) | st.integers(-100, 100), msgpack_values, max_size=8
+).filter(_fits)
 
 
 @st.composite
@@ -442,9 +455,12 @@ def test_deeply_nested_body_is_handled() -> None:
     decoder.receive_data(body_frame(body))
     with pytest.raises(RemoteProtocolError):  # msgpack's nesting limit -> BadFrame
         decoder.next_frame()
+    # Within msgpack's limit but over MAX_METADATA_DEPTH: refused, not fatal.
     body = b"\x82\xa4type\xa4ping\xa7details" + b"\x81\xa1a" * 500 + b"\xc0"
     decoder = FrameDecoder()
-    decoder.receive_data(body_frame(body))
+    decoder.receive_data(body_frame(body) + body_frame(b"\x82\xa4type\xa4ping\xa7details\x80"))
+    with pytest.raises(BadRequest, match="deeper than the limit"):
+        decoder.next_frame()
     assert isinstance(decoder.next_frame(), Ping)
 
 
