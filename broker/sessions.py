@@ -9,7 +9,10 @@ session's life is logged and announced once (`session_events.py`: when, and what
 Registrations are counted once each, by outcome: `new`, `resumed`, `taken_over` (a fresh
 `takeover=true` that replaced a live or away session, or a resume over a live connection: not
 counted as new or resumed too), `conflict`, `unknown_session`. A bind whose commit fails is
-counted in none of them.
+counted in none of them. A fresh register over the user's session quota
+(`max_sessions_per_user`) is refused `quota_exceeded` and counted apart
+(`sessions_quota_refused`); a failed resume is logged (`resume_failed`, with why, never the
+token) and counted as `unknown_session`.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from pykka import ActorRef
 
 from tether.broker import fleet_view
 from tether.broker.listener import CloseConnection
+from tether.broker.logthrottle import LogThrottle
 from tether.broker.loop_actor import LoopActor, tell
 from tether.broker.messages import (
     Attach,
@@ -110,8 +114,14 @@ class SessionManager(LoopActor):
         store: Store | None = None,
         restored: Sequence[SessionRecord] = (),
         clock: Callable[[], float] = time.time,
+        max_sessions_per_user: int = 0,
     ) -> None:
+        """`max_sessions_per_user`: sessions (online or away) one user may hold; 0: no limit."""
         super().__init__(loop, loop_thread)
+        self._max_per_user = max_sessions_per_user
+        self._per_user: dict[str, int] = {}  # username -> sessions held
+        self._quota_refused = 0
+        self._quiet = LogThrottle(loop, _log_quietly)
         self._subscribers = subscriber_manager
         self._expiry = session_expiry
         # Injectable so that tests can fire cleanup timers without waiting for them, and
@@ -133,16 +143,25 @@ class SessionManager(LoopActor):
 
     def _index(self, session: Session) -> None:
         self._sessions[session.session_id] = session
+        self._per_user[session.username] = self._per_user.get(session.username, 0) + 1
         if session.client_id not in self._by_client:
             bisect.insort(self._client_ids, session.client_id)
         self._by_client[session.client_id] = session.session_id
 
     def _unindex(self, session: Session) -> None:
-        self._sessions.pop(session.session_id, None)
+        if self._sessions.pop(session.session_id, None) is not None:
+            left = self._per_user[session.username] - 1
+            if left:
+                self._per_user[session.username] = left
+            else:
+                del self._per_user[session.username]
         if self._by_client.get(session.client_id) == session.session_id:
             del self._by_client[session.client_id]
             at = bisect.bisect_left(self._client_ids, session.client_id)
             del self._client_ids[at]
+
+    def on_stop(self) -> None:
+        self._quiet.close()
 
     def on_start(self) -> None:
         if not self._sessions:
@@ -266,6 +285,7 @@ class SessionManager(LoopActor):
         }
         for outcome, count in self._outcomes.items():
             metrics[f"registrations_{outcome}"] = count
+        metrics["sessions_quota_refused"] = self._quota_refused
         return metrics
 
     def _reject(self, conn: ConnHandle, req: int, code: ErrorCode, text: str) -> None:
@@ -331,12 +351,17 @@ class SessionManager(LoopActor):
     def _resume(self, frame: Register, conn: ConnHandle, admin: bool) -> None:
         assert frame.session_id is not None and frame.resume_token is not None
         session = self._sessions.get(frame.session_id)
-        if (
-            session is None
-            or session.client_id != frame.client_id
-            or session.username != frame.username
-            or not session.token_matches(frame.resume_token)
-        ):
+        why = _resume_refusal(session, frame)
+        if why is not None:
+            # No password check stands behind a resume: a peer can repeat it at will.
+            self._quiet.hit(
+                f"resume_failed|{why}",
+                session_id=frame.session_id,
+                client_id=frame.client_id,
+                username=frame.username,
+                peer=conn.peer,
+                why=why,
+            )
             self._reject(
                 conn,
                 frame.req,
@@ -344,6 +369,7 @@ class SessionManager(LoopActor):
                 "no such session (expired, ended, or wrong token): register afresh",
             )
             return
+        assert session is not None
         outcome = "resumed"
         if session.conn is not None:
             tell(session.conn.ref, TakenOver(session.session_id))
@@ -414,6 +440,27 @@ class SessionManager(LoopActor):
             self._lifecycle.taken_over(existing, conn.peer, by="takeover")
             self._remove(existing, "taken_over")
             outcome = "taken_over"
+        elif 0 < self._max_per_user <= self._per_user.get(frame.username, 0):
+            # A takeover of the user's own client id (above) replaces a session: never refused.
+            self._quota_refused += 1
+            _log.info(
+                "session_quota_exceeded",
+                client_id=frame.client_id,
+                username=frame.username,
+                peer=conn.peer,
+                sessions=self._per_user[frame.username],
+                limit=self._max_per_user,
+            )
+            tell(
+                conn.ref,
+                RegisterRejected(
+                    frame.req,
+                    ErrorCode.QUOTA_EXCEEDED,
+                    f"this user already has {self._max_per_user} sessions, the broker's limit: "
+                    "end one (unregister) or resume it",
+                ),
+            )
+            return
         session = Session(
             session_id=new_session_id(),
             client_id=frame.client_id,
@@ -550,3 +597,20 @@ class SessionManager(LoopActor):
         if drop_queues:
             tell(self._subscribers, DropSession(session.session_id, reason))
         self._lifecycle.ended(session, reason)
+
+
+def _log_quietly(kind: str, count: int, fields: dict[str, Any]) -> None:
+    # One line per kind and interval, `count` saying how many it stands for.
+    _log.info(kind.partition("|")[0], count=count, **fields)
+
+
+def _resume_refusal(session: Session | None, frame: Register) -> str | None:
+    """Why a resume is refused (for the log only: the answer is the same for all), or None."""
+    assert frame.resume_token is not None
+    if session is None:
+        return "no_such_session"
+    if session.client_id != frame.client_id or session.username != frame.username:
+        return "wrong_client_or_user"
+    if not session.token_matches(frame.resume_token):
+        return "wrong_token"
+    return None

@@ -1,5 +1,14 @@
 """BrokerSupervisor: authenticates registrations (bcrypt in a small pool, off the loop) and
 rate-limits failed logins per address; a resume goes straight on to the SessionManager.
+
+Fair logins (issue 12, docs/protocol.md 6.6): a fresh `register` waits in one bounded queue
+(`auth_queue.py`: round robin across source addresses, known devices first) until one of the
+`auth_workers` threads is free; only that many checks are ever handed to the pool, so the
+order in which checks run is the queue's. A full queue answers `rate_limited` at once, without
+a hash. An address past the failure limit still has its checks made (a correct password logs
+in); only its wrong answers are slowed (`failure_penalty`). A client id outside the user's
+allowed prefixes is refused before any check (`not_authorized`). Resumes never queue.
+
 It holds the users file as last loaded; a reload (`UsersReloaded`, from `userwatch.py`) replaces
 it, and the SessionManager is told which users' sessions stay valid (`UsersChanged`).
 See docs/architecture.md sections 3 ("bcrypt off the loop") and 11.
@@ -12,12 +21,14 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from pykka import ActorRef
 
 from tether.broker import passwords
+from tether.broker.auth_queue import AuthQueue, KnownDevices, RegisterAbandoned
+from tether.broker.logthrottle import LogThrottle
 from tether.broker.loop_actor import LoopActor, tell
 from tether.broker.messages import (
     ConnHandle,
@@ -31,7 +42,7 @@ from tether.broker.messages import (
 )
 from tether.broker.ratelimit import FailureLimiter
 from tether.broker.users import UserStore
-from tether.protocol import ErrorCode
+from tether.protocol import ErrorCode, Register
 
 if TYPE_CHECKING:
     from tether.broker.sessions import SessionManager
@@ -49,14 +60,22 @@ class _AuthDone:
     reason: str | None = None
 
 
-# Checks under way at once for an address past the failure limit; more are refused outright.
-BLOCKED_IN_FLIGHT = 2
+# How long a successful login makes its (address, username) pair a known device, and how many
+# pairs are remembered (the oldest forgotten first).
+KNOWN_DEVICE_TTL = 3600.0
+KNOWN_DEVICES_MAX = 100_000
 
 
 def _usual_cost(users: UserStore) -> int:
     # An unknown name is checked against a dummy of the cost most real users have.
     costs = [passwords.cost_of(users.lookup(name) or "") for name in users.names()]
     return max(set(costs), key=costs.count) if costs else 12
+
+
+def _log_quietly(kind: str, count: int, fields: dict[str, Any]) -> None:
+    # Refusals that cost no password check (a peer can repeat them at will): one line per
+    # kind and interval, `count` saying how many it stands for.
+    _log.info(kind, count=count, **fields)
 
 
 def _peer_address(peer: str) -> str:
@@ -78,17 +97,25 @@ class BrokerSupervisor(LoopActor):
         limiter: FailureLimiter,
         failure_penalty: float = 1.0,
         observe_check: Callable[[float], None] | None = None,
+        auth_queue: int = 1_000,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """`observe_check` is called (on the auth pool's thread) with the duration in
-        seconds of each password check: the /metrics histogram's `observe`."""
+        seconds of each password check: the /metrics histogram's `observe`. `auth_queue`:
+        how many fresh registrations may wait for a check at once."""
         super().__init__(loop, loop_thread)
         self._users = users
         self._unknown_user_cost = _usual_cost(users)
         self._sessions = session_manager
         self._limiter = limiter
+        self._workers = auth_workers
         self._pool = ThreadPoolExecutor(max_workers=auth_workers, thread_name_prefix="tether-auth")
         self._penalty = failure_penalty
-        self._in_flight: dict[str, int] = {}  # address -> checks under way
+        self._queue: AuthQueue[RegisterRequest] = AuthQueue(auth_queue)
+        self._known = KnownDevices(ttl=KNOWN_DEVICE_TTL, max_pairs=KNOWN_DEVICES_MAX)
+        self._busy = 0  # checks handed to the pool and not yet done (at most `_workers`)
+        self._clock = clock
+        self._quiet = LogThrottle(loop, _log_quietly)
         self._observe_check = observe_check
         self.auth_ok = 0
         self.auth_failed = 0  # failed checks (some of them answered rate_limited)
@@ -97,66 +124,44 @@ class BrokerSupervisor(LoopActor):
         # Registrations answered `auth_failed` (GetMetrics: one outcome per registration,
         # so a failure answered `rate_limited` after the penalty counts as that only).
         self.refused_auth_failed = 0
+        self.queue_refused = 0  # answered rate_limited because the queue was full
+        self.client_id_refused = 0  # answered not_authorized: client id outside the prefixes
 
     def on_stop(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._quiet.close()
 
     def on_receive(self, message: object) -> object:
         match message:
             case RegisterRequest(frame=frame, conn=conn):
+                if self._client_id_refused(frame, conn):
+                    return None
                 if frame.session_id is not None:
                     admin = self._users.is_admin(frame.username)
                     tell(self._sessions, OpenSession(frame, conn, authenticated=False, admin=admin))
                     return None
                 address = _peer_address(conn.peer)
-                blocked = self._limiter.blocked(address, time.monotonic())
-                if blocked and self._in_flight.get(address, 0) >= BLOCKED_IN_FLIGHT:
-                    # A blocked address gets a trickle of checks, not the whole auth pool.
-                    self._refuse(frame.req, conn)
-                    return None
-                self._in_flight[address] = self._in_flight.get(address, 0) + 1
-                self._verify(message)
-            case _AuthDone(request=request, ok=ok, checked=checked, reason=reason):
-                frame, conn = request.frame, request.conn
-                self.password_checks += 1
-                if ok and self._users.lookup(frame.username) != checked:
-                    # The users file was reloaded during the check: the user is gone, or the
-                    # password it matched is no longer theirs.
-                    ok, reason = False, "users_file_changed"
-                address = _peer_address(conn.peer)
-                left = self._in_flight.pop(address, 1) - 1
-                if left:
-                    self._in_flight[address] = left
-                if ok:
-                    # Never throttled: a fleet behind one NAT address keeps logging in while
-                    # one of its devices has a wrong password.
-                    self.auth_ok += 1
-                    admin = self._users.is_admin(frame.username)
-                    tell(self._sessions, OpenSession(frame, conn, authenticated=True, admin=admin))
-                    return None
-                self.auth_failed += 1
-                now = time.monotonic()
-                blocked = self._limiter.blocked(address, now)
-                self._limiter.record_failure(address, now)
-                _log.info(
-                    "auth_failed",
-                    peer=conn.peer,
-                    client_id=frame.client_id,
-                    username=frame.username,
-                    reason=reason,
-                    rate_limited=blocked,
+                known = self._known.known(address, frame.username, self._clock())
+                refused = self._queue.push(message, address=address, priority=known)
+                if refused is not None:
+                    self._queue_full(refused)
+                self._dispatch()
+            case RegisterAbandoned(conn_id=conn_id, peer=peer):
+                dropped = self._queue.remove(
+                    _peer_address(peer), lambda request: request.conn.conn_id == conn_id
                 )
-                if blocked:
-                    # Slowed: a guesser past the limit waits for every wrong answer.
-                    self.loop.call_later(self._penalty, self._refuse, frame.req, conn)
-                else:
-                    self.refused_auth_failed += 1
+                if dropped is not None:
+                    # Its Listener waits for an outcome before it finishes; nobody reads it.
                     tell(
-                        conn.ref,
+                        dropped.conn.ref,
                         RegisterRejected(
-                            frame.req, ErrorCode.AUTH_FAILED, "wrong username or password"
+                            dropped.frame.req, ErrorCode.RATE_LIMITED, "connection closed"
                         ),
                     )
+            case _AuthDone():
+                self._busy -= 1
+                self._checked(message)
+                self._dispatch()
             case UsersReloaded(users=users):
                 self._reloaded(users)
             case GetStats():
@@ -171,10 +176,110 @@ class BrokerSupervisor(LoopActor):
                     "registrations_auth_failed": self.refused_auth_failed,
                     "registrations_rate_limited": self.rate_limited,
                     "password_checks": self.password_checks,
+                    "auth_queue_length": len(self._queue),
+                    "auth_queue_refused": self.queue_refused,
+                    "client_id_refused": self.client_id_refused,
                 }
             case _:
                 return super().on_receive(message)
         return None
+
+    def _client_id_refused(self, frame: Register, conn: ConnHandle) -> bool:
+        """Answer `not_authorized` (before any check) to a register, fresh or resume, whose
+        client id is outside its user's allowed prefixes. An unknown user is never refused
+        here: that would tell it apart from a known one (it gets `auth_failed` after a check
+        as usual, or `unknown_session` for a resume)."""
+        if frame.username not in self._users or self._users.client_id_allowed(
+            frame.username, frame.client_id
+        ):
+            return False
+        self.client_id_refused += 1
+        self._quiet.hit(
+            "client_id_refused",
+            peer=conn.peer,
+            client_id=frame.client_id,
+            username=frame.username,
+            resume=frame.session_id is not None,
+        )
+        tell(
+            conn.ref,
+            RegisterRejected(
+                frame.req,
+                ErrorCode.NOT_AUTHORIZED,
+                f"client_id {frame.client_id!r} is not one this user may use "
+                "(see its client-id prefixes in the broker's users file)",
+            ),
+        )
+        return True
+
+    def _dispatch(self) -> None:
+        """Hand the queue's next checks to the pool while a worker is free."""
+        while self._busy < self._workers:
+            request = self._queue.pop()
+            if request is None:
+                return
+            self._busy += 1
+            self._verify(request)
+
+    def _queue_full(self, request: RegisterRequest) -> None:
+        self.queue_refused += 1
+        self.rate_limited += 1
+        self._quiet.hit(
+            "auth_queue_full",
+            peer=request.conn.peer,
+            client_id=request.frame.client_id,
+            username=request.frame.username,
+            queued=len(self._queue),
+        )
+        tell(
+            request.conn.ref,
+            RegisterRejected(
+                request.frame.req,
+                ErrorCode.RATE_LIMITED,
+                "the broker has too many logins waiting for a password check: try again shortly",
+            ),
+        )
+
+    def _checked(self, done: _AuthDone) -> None:
+        frame, conn = done.request.frame, done.request.conn
+        ok, reason = done.ok, done.reason
+        self.password_checks += 1
+        if ok and self._users.lookup(frame.username) != done.checked:
+            # The users file was reloaded during the check: the user is gone, or the
+            # password it matched is no longer theirs.
+            ok, reason = False, "users_file_changed"
+        address = _peer_address(conn.peer)
+        if ok:
+            # Never throttled: a fleet behind one NAT address keeps logging in while
+            # one of its devices has a wrong password.
+            self.auth_ok += 1
+            self._known.remember(address, frame.username, self._clock())
+            admin = self._users.is_admin(frame.username)
+            tell(self._sessions, OpenSession(frame, conn, authenticated=True, admin=admin))
+            return
+        # A guesser behind a known device's address gets no priority from it.
+        self._known.forget(address, frame.username)
+        self.auth_failed += 1
+        now = time.monotonic()
+        blocked = self._limiter.blocked(address, now)
+        self._limiter.record_failure(address, now)
+        _log.info(
+            "auth_failed",
+            peer=conn.peer,
+            client_id=frame.client_id,
+            username=frame.username,
+            reason=reason,
+            rate_limited=blocked,
+        )
+        if blocked:
+            # Slowed: a guesser past the limit waits for every wrong answer.
+            self.loop.call_later(self._penalty, self._refuse, frame.req, conn)
+        else:
+            self.refused_auth_failed += 1
+            tell(
+                conn.ref,
+                RegisterRejected(frame.req, ErrorCode.AUTH_FAILED, "wrong username or password"),
+            )
 
     def _reloaded(self, users: UserStore) -> None:
         old = self._users

@@ -350,6 +350,9 @@ def test_registration_and_connection_metrics_move_with_traffic(
         "registrations_auth_failed": 0,
         "registrations_rate_limited": 0,
         "password_checks": 0,
+        "auth_queue_length": 0,
+        "auth_queue_refused": 0,
+        "client_id_refused": 0,
     }
     bad = dial_fleet(broker)
     assert_error(bad.register("m-1", password="wrong"), "auth_failed", 1)
@@ -366,6 +369,9 @@ def test_registration_and_connection_metrics_move_with_traffic(
         "registrations_auth_failed": 1,
         "registrations_rate_limited": 0,
         "password_checks": 3,  # the wrong one, the good one, the conflicting one
+        "auth_queue_length": 0,
+        "auth_queue_refused": 0,
+        "client_id_refused": 0,
     }
     sessions = metrics("sessions")
     assert sessions == {
@@ -376,6 +382,7 @@ def test_registration_and_connection_metrics_move_with_traffic(
         "registrations_taken_over": 0,
         "registrations_conflict": 1,
         "registrations_unknown_session": 0,
+        "sessions_quota_refused": 0,
     }
     listeners = metrics("listeners")
     assert listeners["connections_accepted"] == 4

@@ -583,6 +583,7 @@ def test_metrics_count_sessions_and_registrations_by_outcome(fleet: Fleet) -> No
         "registrations_taken_over": 2,
         "registrations_conflict": 2,
         "registrations_unknown_session": 1,
+        "sessions_quota_refused": 0,
     }
     fleet.now += 1.5 * KEEPALIVE + 1  # silent: away while still connected
     metrics = fleet.ask(GetMetrics())
@@ -692,6 +693,9 @@ def test_the_supervisor_passes_the_admin_flag_and_observes_each_check(tmp_path: 
             "registrations_auth_failed": 1,
             "registrations_rate_limited": 0,
             "password_checks": 3,
+            "auth_queue_length": 0,
+            "auth_queue_refused": 0,
+            "client_id_refused": 0,
         }
         assert len(observed) == 3 and all(seconds > 0 for seconds in observed)
     finally:
