@@ -162,7 +162,8 @@ def _broker_command(
     from tether.broker.users import add_user
 
     users = tmp / "users.json"
-    add_user(users, BENCH_USER, BENCH_PASSWORD, cost=BENCH_COST)
+    # Admin: the bench's monitor asks `stats`, which is admin-only.
+    add_user(users, BENCH_USER, BENCH_PASSWORD, cost=BENCH_COST, admin=True)
     if burst_cost is not None:
         add_user(users, BURST_USER, BURST_PASSWORD, cost=burst_cost)
     # Durable is what the bench measures: SQLite in this broker's own directory, --sync full.

@@ -10,7 +10,7 @@ from bisect import bisect_right
 from dataclasses import dataclass, field
 
 from tether.broker.messages import ConnHandle
-from tether.broker.queues import SubscriptionQueue
+from tether.broker.queues import Account, SubscriptionQueue, Totals
 from tether.protocol import Publish
 
 __all__ = ["Fanout", "SessionSubs"]
@@ -19,7 +19,10 @@ __all__ = ["Fanout", "SessionSubs"]
 @dataclass(slots=True)
 class SessionSubs:
     """One session's subscriptions, and where its deliveries go (`conn` None: away).
-    `username` and `admin` come with each `Attach` (`admin`: may subscribe to `$sys/...`)."""
+    `username` and `admin` come with each `Attach` (`admin`: may subscribe to `$sys/...`).
+    `ready`: the queues that may have something to send (deliveries, or a `dropped` notice),
+    so that a flush touches those only, not every subscription; `account`: the payload bytes
+    of all its queues (`--session-queue-bytes`)."""
 
     session_id: str
     client_id: str
@@ -30,25 +33,37 @@ class SessionSubs:
     next_seqs: dict[str, int] = field(default_factory=dict)
     username: str = ""
     admin: bool = False
+    ready: set[SubscriptionQueue] = field(default_factory=set)
+    account: Account = field(default_factory=Account)
 
 
 class Fanout:
     """The sessions' subscriptions and the topic index over them (`topic -> {session: queue}`),
-    and the counters of what publishing did: `published` (taken) and `dropped` (pushed out)."""
+    and the counters of what publishing did: `published` (taken) and `dropped` (pushed out).
+    `totals` sums every queue (kept by the queues themselves); `over` collects the sessions a
+    push took past `session_bytes`, for the caller to shed (broker/budget.py)."""
 
     __slots__ = (
+        "_order",
         "by_topic",
         "dropped",
         "journal",
+        "over",
         "published",
         "queue_bytes",
         "queue_limit",
+        "session_bytes",
         "sessions",
+        "totals",
     )
 
-    def __init__(self, *, queue_limit: int, queue_bytes: int) -> None:
+    def __init__(self, *, queue_limit: int, queue_bytes: int, session_bytes: int = 1 << 62) -> None:
         self.queue_limit = queue_limit
         self.queue_bytes = queue_bytes
+        self.session_bytes = session_bytes
+        self.totals = Totals()
+        self.over: dict[str, SessionSubs] = {}
+        self._order = 0
         self.sessions: dict[str, SessionSubs] = {}
         self.by_topic: dict[str, dict[str, SubscriptionQueue]] = {}
         self.published = 0
@@ -63,8 +78,11 @@ class Fanout:
         """Forget the session and take its queues out of the index; returns what it held."""
         subs = self.sessions.pop(session_id, None)
         if subs is not None:
-            for topic in subs.queues:
+            for topic, q in subs.queues.items():
+                q.unbind()
                 self._remove_from_topic(topic, session_id)
+            subs.ready.clear()
+            self.over.pop(session_id, None)
         return subs
 
     def subscribe(self, subs: SessionSubs, topic: str) -> SubscriptionQueue | None:
@@ -84,6 +102,9 @@ class Fanout:
         return q
 
     def add_queue(self, subs: SessionSubs, q: SubscriptionQueue) -> None:
+        self._order += 1
+        q.order = self._order  # later subscriptions deliver after earlier ones, as ever
+        q.bind(subs.account, self.totals)
         subs.queues[q.topic] = q
         self.by_topic.setdefault(q.topic, {})[subs.session_id] = q
 
@@ -93,6 +114,8 @@ class Fanout:
         if q is None:
             return False
         subs.next_seqs[topic] = q.next_seq
+        q.unbind()
+        subs.ready.discard(q)
         self._remove_from_topic(topic, subs.session_id)
         return True
 
@@ -104,8 +127,8 @@ class Fanout:
                 del self.by_topic[topic]
 
     def queued(self) -> int:
-        """Messages in all queues, unacked deliveries included."""
-        return sum(len(q) for s in self.sessions.values() for q in s.queues.values())
+        """Messages in all queues, unacked deliveries included (kept, not summed)."""
+        return self.totals.count
 
     # --- publishing -------------------------------------------------------------------------
     #
@@ -138,6 +161,9 @@ class Fanout:
             self.dropped += q.push(payload, connected=subs.conn is not None)
             if subs.conn is not None:
                 touched[session_id] = subs
+                subs.ready.add(q)
+            if subs.account.bytes > self.session_bytes:
+                self.over[session_id] = subs
         return True
 
     def publish_many(
@@ -179,6 +205,9 @@ class Fanout:
                     self.dropped += q.push_many(payloads, size, connected=subs.conn is not None)
                     if subs.conn is not None:
                         touched[session_id] = subs
+                        subs.ready.add(q)
+                    if subs.account.bytes > self.session_bytes:
+                        self.over[session_id] = subs
                 taken = fit
         for publish in run[taken:]:
             if not self.publish(topic, publish.payload, touched, force=force):

@@ -49,6 +49,7 @@ __all__ = [
     "COMMIT_BACKLOG",
     "MEMORY_HEAD",
     "PAGE",
+    "PAGE_BYTES",
     "Committed",
     "Journal",
     "Paged",
@@ -59,6 +60,7 @@ __all__ = [
 
 MEMORY_HEAD = 100  # messages an away queue keeps in memory; the rest only in the store
 PAGE = 1_000  # messages of a queue's tail read back at once
+PAGE_BYTES = 4 * 1024 * 1024  # ... and at most about this many payload bytes (by its average)
 COMMIT_BACKLOG = 20_000  # messages waiting for their commit before publishers are paused
 
 _log = structlog.get_logger("tether.subscribers")
@@ -143,6 +145,18 @@ def _log_failure(what: str) -> OnDone:
     return done
 
 
+def _record_drops(writes: list[StoreOp | Run], session_id: str, q: SubscriptionQueue) -> None:
+    """What `q` dropped since last recorded, as store writes (after its `Append`s)."""
+    if q.dropped_seqs or q.disk_discarded:
+        if q.dropped_seqs:
+            seqs, q.dropped_seqs = tuple(q.dropped_seqs), []
+            writes.append(Discard(session_id, q.topic, seqs))
+        if q.disk_discarded:
+            writes.append(DiscardOldest(session_id, q.topic, q.disk_discarded))
+            q.disk_discarded = 0
+        writes.append(SetDropped(session_id, q.topic, q.dropped_live, q.dropped_away))
+
+
 def _throttle(conn: ConnHandle, paused: bool) -> None:
     tell(conn.ref, Throttle(paused))
 
@@ -174,6 +188,9 @@ class Journal:
         self._page = max(1, page)
         self._inflight: deque[Pending] = deque()
         self.lazy: list[StoreOp] = []  # writes that may ride in the next batch
+        # Queues a bound wider than one queue dropped from (budget.py): their `Discard`s go
+        # in the batch being recorded.
+        self.shed: list[tuple[str, SubscriptionQueue]] = []
         self._failed_batches = self._failed_messages = 0  # since the store last committed
         # Messages appended and not yet committed, and the publishers paused until the store
         # has caught up with them (the backlog bounds the memory a slow disk can cost).
@@ -237,15 +254,12 @@ class Journal:
                 latest[id(q)] = run
                 pending.appends.append(run)
                 writes.append(run)
-            if q.dropped_seqs or q.disk_discarded:
-                if q.dropped_seqs:
-                    seqs, q.dropped_seqs = tuple(q.dropped_seqs), []
-                    writes.append(Discard(session_id, q.topic, seqs))
-                if q.disk_discarded:
-                    writes.append(DiscardOldest(session_id, q.topic, q.disk_discarded))
-                    q.disk_discarded = 0
-                writes.append(SetDropped(session_id, q.topic, q.dropped_live, q.dropped_away))
+            _record_drops(writes, session_id, q)
         journal.clear()
+        if self.shed:
+            for session_id, q in self.shed:
+                _record_drops(writes, session_id, q)
+            self.shed.clear()
 
     def finish(self, writes: list[StoreOp | Run], pending: Pending) -> None:
         """Submit the batch's writes; its answers go out once they are committed (at once
@@ -319,6 +333,7 @@ class Journal:
                     q.committed = last
                 if run.subs.conn is not None:
                     touched[run.subs.session_id] = run.subs
+                    run.subs.ready.add(q)
                 elif q.spill:
                     q.trim()
         else:
@@ -337,6 +352,7 @@ class Journal:
                     dropped += len(tail)
                     if q.disk <= 0:
                         q.tail_gone()
+                q.sync()
             for subs, q in pending.subscribed:
                 if subs.queues.get(q.topic) is q:
                     self._fanout.unsubscribe(subs, q.topic)
@@ -352,33 +368,43 @@ class Journal:
         if touched:
             self._flush(touched.values())
 
-    def page_in(self, subs: SessionSubs) -> None:
-        """Read the next page of each of the session's tails that runs low in memory."""
+    def page_in(self, subs: SessionSubs, queues: Iterable[SubscriptionQueue]) -> None:
+        """Read the next page of each of `queues` (the session's that a flush looked at)
+        whose tail runs low in memory: at most `page` messages, and about `PAGE_BYTES`."""
         store = self._store
         ref, session_id = self._ref, subs.session_id
-        for q in subs.queues.values():
+        for q in queues:
             if q.disk and not q.reading and len(q.pending) < self._page // 2 + 1:
+                average = max(1, q.disk_bytes // q.disk)
+                limit = max(1, min(self._page, PAGE_BYTES // average))
 
                 def done(
                     entries: Entries, error: StoreError | None, q: SubscriptionQueue = q
                 ) -> None:
                     tell(ref, Paged(session_id, q, entries, error))
 
-                store.read_queue(session_id, q.topic, q.start_read(), self._page, done)
+                q.read_limit = limit
+                store.read_queue(session_id, q.topic, q.start_read(), limit, done)
 
     def on_paged(self, msg: Paged) -> None:
         subs = self._fanout.sessions.get(msg.session_id)
         q = msg.queue
         if subs is None or subs.queues.get(q.topic) is not q:
             return  # unsubscribed or ended meanwhile
+        subs.ready.add(q)  # looked at again by the flush below (or the Reflush)
         if msg.error is not None:
             q.reading = False
             _log.warning("queue_read_failed", session_id=msg.session_id, error=str(msg.error))
             if subs.conn is not None:
                 self._loop.call_later(1.0, lambda: tell(self._ref, Reflush(msg.session_id)))
             return
-        q.page_in(msg.entries, self._page)
+        q.page_in(msg.entries, q.read_limit)
         if subs.conn is not None:
+            if q.spill and not q.disk:
+                # Connected, a spill comes from the memory budget: the backlog it moved out
+                # is all back, so new messages stay in memory again (until the budget is
+                # passed again: budget.py).
+                q.spill = 0
             self._flush((subs,))
 
     def write_lazy(self) -> None:
@@ -387,12 +413,13 @@ class Journal:
             self._store.submit(batch, _log_failure("sent marks"))
 
     def keep_head(self, q: SubscriptionQueue) -> None:
-        """The session is away: only a head of `q` stays in memory, the rest in the store."""
-        q.spill = self._head
+        """The session is away: only a head of `q` stays in memory, the rest in the store
+        (a smaller head the memory budget set is kept)."""
+        q.spill = min(q.spill, self._head) if q.spill else self._head
         q.trim()
 
-    def mark_sent(self, subs: SessionSubs) -> None:
-        for q in subs.queues.values():
+    def mark_sent(self, subs: SessionSubs, queues: Iterable[SubscriptionQueue]) -> None:
+        for q in queues:
             if q.unacked and q.unacked[-1][0] > q.marked:
                 q.marked = q.unacked[-1][0]
                 self.lazy.append(MarkSent(subs.session_id, q.topic, q.marked))

@@ -17,13 +17,23 @@ while a store is in use, else None) collects the seqs `_make_room` drops, for th
 
 The tail on disk (with a store only): a queue whose session is away keeps at most `spill`
 messages in memory (0: no limit); what is pushed beyond goes to the store only, and the queue counts
-it (`disk`, `disk_bytes`: the newest messages, every seq above `disk_after`). Once the tail
+it (`disk`, `disk_bytes`: the newest messages, every seq above `disk_after`). `trim` moves
+what `pending` holds beyond `spill` to the tail (in front of any tail already there) once it
+is all stored: at detach, and when the memory budget lowers `spill` (budget.py). Once the tail
 exists every push joins it, connected or not, so the order holds; the caller pages it back in
 with the store's `read_queue` (`page_in`) while the session is connected. Overflow drops the
 oldest unsent message as ever: the head of `pending`, else the oldest of the tail (counted in
 `disk_discarded` for a `DiscardOldest`, and in `read_skip` while a page is being read, whose
 first entries are then already gone). The tail's sizes are not kept, so the byte bound counts
 a tail drop at the tail's average size, exact again whenever the tail empties.
+
+Accounting (issue 12): a queue bound to its session (`bind`) keeps the session's `Account`
+and the broker's `Totals` equal to the sums over the bound queues of `len`, `bytes` and
+`disk_bytes`, by reporting the difference from what it reported last (`sync`) at the end of
+every method that changes them. So `stats` and the budgets read a total without a walk over
+the queues. `shed` and `shed_memory` drop the oldest messages to free bytes for a bound
+wider than the queue's own (the session's bytes, the memory and store budgets), counted
+exactly as overflow is.
 """
 
 from __future__ import annotations
@@ -34,7 +44,7 @@ from collections.abc import Sequence
 from itertools import islice
 from operator import itemgetter
 
-__all__ = ["NO_STORE", "SubscriptionQueue"]
+__all__ = ["NO_STORE", "Account", "SubscriptionQueue", "Totals"]
 
 NO_STORE = 1 << 62  # `committed` when nothing is stored: every seq counts as committed
 
@@ -42,8 +52,38 @@ _seq_of = itemgetter(0)
 _payload_of = itemgetter(1)
 
 
+class Account:
+    """One session's queued payload bytes, across its queues (`--session-queue-bytes`)."""
+
+    __slots__ = ("bytes",)
+
+    def __init__(self) -> None:
+        self.bytes = 0
+
+
+class Totals:
+    """All bound queues together: messages, payload bytes, and the bytes of their tails on disk
+    (so in memory: `bytes - disk_bytes`), and how many queues there are."""
+
+    __slots__ = ("bytes", "count", "disk_bytes", "queues")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.bytes = 0
+        self.disk_bytes = 0
+        self.queues = 0
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.bytes - self.disk_bytes
+
+
 class SubscriptionQueue:
     __slots__ = (
+        "_seen_bytes",
+        "_seen_count",
+        "_seen_disk",
+        "account",
         "acked_upto",
         "bytes",
         "committed",
@@ -61,12 +101,15 @@ class SubscriptionQueue:
         "max_bytes",
         "max_count",
         "next_seq",
+        "order",
         "pending",
+        "read_limit",
         "read_skip",
         "reading",
         "redeliver_upto",
         "spill",
         "topic",
+        "totals",
         "unacked",
         "window",
     )
@@ -101,7 +144,57 @@ class SubscriptionQueue:
         self.disk_discarded = 0  # tail drops not yet told to the store (`DiscardOldest`)
         self.reading = False  # a page of the tail is being read
         self.read_skip = 0  # tail drops since that read began
+        self.read_limit = 0  # the most that read asks for
         self.disk_pushed = 0  # tail pushes since that read began
+        # Where `sync` reports (None: not bound to a session), and what it reported last.
+        self.account: Account | None = None
+        self.totals: Totals | None = None
+        self._seen_count = self._seen_bytes = self._seen_disk = 0
+        self.order = 0  # its session's subscription order (deliveries go in that order)
+
+    def bind(self, account: Account, totals: Totals) -> None:
+        """Count this queue in its session's `account` and in the broker's `totals`."""
+        self.unbind()
+        self.account, self.totals = account, totals
+        totals.queues += 1
+        self.sync()
+
+    def unbind(self) -> None:
+        """Take this queue (unsubscribed, or its session gone) out of the sums."""
+        account, totals = self.account, self.totals
+        if account is None or totals is None:
+            return
+        account.bytes -= self._seen_bytes
+        totals.bytes -= self._seen_bytes
+        totals.count -= self._seen_count
+        totals.disk_bytes -= self._seen_disk
+        totals.queues -= 1
+        self._seen_count = self._seen_bytes = self._seen_disk = 0
+        self.account = self.totals = None
+
+    def sync(self) -> None:
+        """Report what changed in `len`, `bytes` and `disk_bytes` since the last report."""
+        totals = self.totals
+        if totals is None:
+            return
+        count = len(self.pending) + len(self.unacked) + self.disk
+        if count != self._seen_count:
+            totals.count += count - self._seen_count
+            self._seen_count = count
+        nbytes = self.bytes
+        if nbytes != self._seen_bytes:
+            delta = nbytes - self._seen_bytes
+            totals.bytes += delta
+            self.account.bytes += delta  # type: ignore[union-attr]  # bound with totals
+            self._seen_bytes = nbytes
+        if self.disk_bytes != self._seen_disk:
+            totals.disk_bytes += self.disk_bytes - self._seen_disk
+            self._seen_disk = self.disk_bytes
+
+    @property
+    def memory_bytes(self) -> int:
+        """Payload bytes held in memory (the tail's are on disk only)."""
+        return self.bytes - self.disk_bytes
 
     def __len__(self) -> int:
         return len(self.pending) + len(self.unacked) + self.disk
@@ -119,8 +212,12 @@ class SubscriptionQueue:
             len(self.pending) + len(self.unacked) + self.disk <= self.max_count
             and self.bytes <= self.max_bytes
         ):
-            return 0
-        return self._make_room(connected)
+            dropped = 0
+        else:
+            dropped = self._make_room(connected)
+        if self.totals is not None:
+            self.sync()
+        return dropped
 
     def _to_disk(self, seq: int, size: int) -> None:
         if not self.disk:
@@ -143,6 +240,8 @@ class SubscriptionQueue:
             self.pending.extend(zip(range(seq, seq + count), payloads, strict=True))
             self.next_seq = seq + count
             self.bytes += size
+            if self.totals is not None:
+                self.sync()
             return 0
         return sum([self.push(payload, connected=connected) for payload in payloads])
 
@@ -195,24 +294,25 @@ class SubscriptionQueue:
         self.bytes -= self.disk_bytes
         self.disk = self.disk_bytes = 0
 
-    def trim(self) -> None:
-        """An away queue: what `pending` holds beyond `spill` becomes tail, if it is all stored
-        (the tail must be newer than everything in memory)."""
+    def trim(self) -> int:
+        """An away queue (or one the memory budget spills): what `pending` holds beyond
+        `spill` becomes tail, if it is all stored (the tail must be newer than everything in
+        memory) and no page is being read. Returns the bytes that left memory."""
         pending = self.pending
         head = self.spill
-        if (
-            not head
-            or self.disk
-            or self.reading
-            or len(pending) <= head
-            or pending[-1][0] > self.committed
-        ):
-            return
+        if not head or self.reading or len(pending) <= head or pending[-1][0] > self.committed:
+            return 0
+        moved = 0
         while len(pending) > head:
             _, payload = pending.pop()
             self.disk += 1
-            self.disk_bytes += len(payload)
+            moved += len(payload)
+        # Those moved are older than any tail already there: it now starts after the head.
+        self.disk_bytes += moved
         self.disk_after = pending[-1][0]
+        if self.totals is not None:
+            self.sync()
+        return moved
 
     def start_read(self) -> int:
         """A page of the tail is to be read: returns the seq to read after."""
@@ -245,7 +345,43 @@ class SubscriptionQueue:
             self.bytes -= share
         if self.disk <= 0:
             self.tail_gone()
+        self.sync()
         return len(got)
+
+    def shed(self, nbytes: int, *, connected: bool, memory_only: bool = False) -> int:
+        """Drop the oldest messages until `nbytes` payload bytes are freed or nothing is left
+        to drop: unsent first (the head of `pending`, then, unless `memory_only`, the oldest
+        of the tail on disk), then sent and unacked ones. Counted as overflow (`dropped_live`
+        or `dropped_away`, `dropped_seqs`, `disk_discarded`); returns how many."""
+        freed = dropped = 0
+        pending, unacked = self.pending, self.unacked
+        seqs = self.dropped_seqs
+        while freed < nbytes:
+            if pending:
+                seq, payload = pending.popleft()
+            elif self.disk and not memory_only:
+                before = self.bytes
+                self._drop_disk_oldest()
+                freed += before - self.bytes
+                dropped += 1
+                continue
+            elif unacked:
+                seq, payload = unacked.popleft()
+            else:
+                break
+            self.bytes -= len(payload)
+            freed += len(payload)
+            dropped += 1
+            if seqs is not None:
+                seqs.append(seq)
+        if dropped:
+            self.dropped_total += dropped
+            if connected:
+                self.dropped_live += dropped
+            else:
+                self.dropped_away += dropped
+            self.sync()
+        return dropped
 
     def is_full_for(self, size: int) -> bool:
         """Would queueing a message of `size` bytes push out an older one?"""
@@ -270,6 +406,8 @@ class SubscriptionQueue:
             self.acked_upto = unacked[-1][0]
             self.bytes -= sum(map(len, map(_payload_of, unacked)))
             unacked.clear()
+            if self.totals is not None:
+                self.sync()
             return removed
         removed = bisect_right(unacked, seq, key=_seq_of)  # unacked is in seq order
         self.acked_upto = unacked[removed - 1][0]
@@ -277,6 +415,8 @@ class SubscriptionQueue:
         popleft = unacked.popleft
         for _ in range(removed):
             popleft()
+        if self.totals is not None:
+            self.sync()
         return removed
 
     def sendable(self) -> int:
@@ -297,6 +437,7 @@ class SubscriptionQueue:
         if gone:
             self.bytes -= sum(len(e[1]) for e in self.pending if e[0] in seqs)
             self.pending = deque(kept)
+            self.sync()
         return gone
 
     def take_many(self, count: int) -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 import structlog
 
 from tether.broker import passwords
+from tether.broker.budget import Budgets
 from tether.broker.delivery import Tally, take_within
 from tether.broker.fanout import Fanout, SessionSubs
 from tether.broker.held import HeldPublishers
@@ -29,6 +30,7 @@ from tether.broker.journal import (
     Run,
 )
 from tether.broker.loop_actor import LoopActor, tell
+from tether.broker.memory import default_memory_budget
 from tether.broker.messages import (
     Attach,
     ConnHandle,
@@ -44,6 +46,7 @@ from tether.broker.messages import (
     SysEvent,
     Throttle,
 )
+from tether.broker.queues import SubscriptionQueue
 from tether.broker.store import Ack as StoreAck
 from tether.broker.store import (
     DeleteSession,
@@ -67,6 +70,7 @@ from tether.broker.sysevents import (
 from tether.protocol import (
     Ack,
     Error,
+    ErrorCode,
     Ok,
     Ping,
     Pong,
@@ -95,6 +99,22 @@ def _throttle(conn: ConnHandle, paused: bool) -> None:
     tell(conn.ref, Throttle(paused))
 
 
+def _by_order(q: SubscriptionQueue) -> int:
+    return q.order
+
+
+def _quota_exceeded(req: int, limit: int) -> Error:
+    return Error(
+        req=req,
+        code=ErrorCode.QUOTA_EXCEEDED,
+        message=f"at most {limit} subscriptions per session",
+    )
+
+
+def _stats_refused(req: int) -> Error:
+    return Error(req=req, code=ErrorCode.NOT_AUTHORIZED, message="only admin users may ask stats")
+
+
 class SubscriberManager(LoopActor):
     resume_after_failure = True
 
@@ -114,17 +134,27 @@ class SubscriberManager(LoopActor):
         memory_head: int = MEMORY_HEAD,
         page: int = PAGE,
         commit_backlog: int = COMMIT_BACKLOG,
+        max_subscriptions: int = 1_000,
+        session_queue_bytes: int = 256 * 1024 * 1024,
+        memory_budget: int | None = None,
+        store_budget: int = 10 * 1024 * 1024 * 1024,
     ) -> None:
         super().__init__(loop, loop_thread)
         self._max_frame = max_frame  # told to clients in `registered`
         self._high_water = outbound_high_water
         self._publish_wait = publish_wait
-        self._fanout = Fanout(queue_limit=queue_limit, queue_bytes=queue_bytes)
+        self._max_subscriptions = max_subscriptions
+        self._fanout = Fanout(
+            queue_limit=queue_limit, queue_bytes=queue_bytes, session_bytes=session_queue_bytes
+        )
         self._held = HeldPublishers(arm=self._arm_wait, throttle=_throttle)
         self._held_conns = self._held.conn_ids
         self._delivered = 0
         self._expired = 0
         self._acked = 0
+        self._connected = 0  # sessions with a connection: kept, for an O(1) `stats`
+        self._subscriptions_refused = 0  # subscribes over --max-subscriptions
+        self._stats_refused = 0  # `stats` frames from users who are not admin
         self._tally = Tally()  # redeliveries, counted by the delivery step
         # None: in memory only, nothing is written anywhere.
         self._journal: Journal | None = None
@@ -141,8 +171,27 @@ class SubscriberManager(LoopActor):
                 commit_backlog=commit_backlog,
             )
             self._journal.restore(restored_sessions, restored_subscriptions)
+        if memory_budget is None:
+            memory_budget = default_memory_budget()
+        self._budgets = Budgets(
+            self._fanout,
+            self._journal,
+            memory_budget=memory_budget,
+            store_budget=store_budget,
+        )
         self._events = SysEvents(
-            self._fanout, journal=self._journal, flush=self._flush, arm=self._arm_drops
+            self._fanout,
+            journal=self._journal,
+            flush=self._flush,
+            arm=self._arm_drops,
+            enforce=self._budgets.enforce,
+        )
+        _log.info(
+            "queue_bounds",
+            session_queue_bytes=session_queue_bytes,
+            memory_budget=memory_budget,
+            store_budget=store_budget if store is not None else None,
+            max_subscriptions=max_subscriptions,
         )
 
     def on_stop(self) -> None:
@@ -180,6 +229,7 @@ class SubscriberManager(LoopActor):
             case Reflush(session_id):
                 subs = self._fanout.sessions.get(session_id)
                 if subs is not None and subs.conn is not None:
+                    subs.ready.update(q for q in subs.queues.values() if q.disk)
                     self._flush((subs,))
             case SysEvent(event, fields, at):
                 self._events.publish(event, fields, at)
@@ -188,13 +238,32 @@ class SubscriberManager(LoopActor):
             case GetStats():
                 return self._counters()
             case GetMetrics():
-                return metrics(
-                    self._fanout,
-                    delivered=self._delivered,
-                    redelivered=self._tally.redelivered,
-                    acked=self._acked,
-                    expired=self._expired,
-                )
+                budgets = self._budgets
+                return {
+                    **metrics(
+                        self._fanout,
+                        delivered=self._delivered,
+                        redelivered=self._tally.redelivered,
+                        acked=self._acked,
+                        expired=self._expired,
+                    ),
+                    "subscriptions_refused": self._subscriptions_refused,
+                    "stats_refused": self._stats_refused,
+                    "messages_dropped_session_bytes": budgets.dropped_session,
+                    "messages_dropped_memory_budget": budgets.dropped_memory,
+                    "messages_dropped_store_budget": budgets.dropped_store,
+                    "queues_spilled": budgets.spilled,
+                    "bytes_queued_memory": self._fanout.totals.memory_bytes,
+                    "memory_budget": budgets.memory_budget,
+                    **(
+                        {
+                            "bytes_queued_store": self._fanout.totals.bytes,
+                            "store_budget": budgets.store_budget,
+                        }
+                        if self._journal is not None
+                        else {}
+                    ),
+                }
             case GetSubscriptions(session_ids):
                 return subscription_views(self._fanout, session_ids)
             case _:
@@ -204,12 +273,12 @@ class SubscriberManager(LoopActor):
     def _counters(self) -> dict[str, int]:
         """The `stats` frame's counters, and `GetStats`'s: this actor is the one owner of
         each (docs/architecture.md section 2). It learns every session's life from the
-        SessionManager's `Attach` and `DropSession`, so it counts sessions and expiries."""
+        SessionManager's `Attach` and `DropSession`, so it counts sessions and expiries.
+        Every figure is kept as things change: no walk over sessions or queues here."""
         fanout = self._fanout
-        sessions = fanout.sessions
         return {
-            "sessions": len(sessions),
-            "connected": sum(1 for s in sessions.values() if s.conn is not None),
+            "sessions": len(fanout.sessions),
+            "connected": self._connected,
             "expired": self._expired,
             # The process's own count (auth pool and dummies alike), read here and only here.
             "bcrypt_hashes": passwords.hash_count(),
@@ -233,6 +302,7 @@ class SubscriberManager(LoopActor):
         elif subs.conn is not None:
             # Resumed over a connection that is still open: it has been told `taken_over`.
             self._detach(subs)
+        self._connected += 1
         subs.username, subs.admin = msg.username, msg.admin
         self._events.revoke(subs)  # `$sys/...` only while its user is admin
         queued = sum(len(q) for q in subs.queues.values())
@@ -252,6 +322,7 @@ class SubscriberManager(LoopActor):
             )
         subs.conn = msg.conn
         subs.credit = self._high_water
+        subs.ready.update(subs.queues.values())  # the first flush looks at every queue once
         registered = Registered(
             req=msg.req,
             session_id=msg.session_id,
@@ -271,8 +342,11 @@ class SubscriberManager(LoopActor):
         self._flush((subs,))
 
     def _detach(self, subs: SessionSubs) -> None:
+        if subs.conn is not None:
+            self._connected -= 1
         subs.conn = None
         subs.credit = 0
+        subs.ready.clear()
         for q in subs.queues.values():
             q.requeue_unacked()
             if self._journal is not None:
@@ -287,6 +361,8 @@ class SubscriberManager(LoopActor):
         subs = self._fanout.remove_session(session_id)
         if subs is None:
             return
+        if subs.conn is not None:
+            self._connected -= 1
         if reason == "expired":
             self._expired += 1
         discarded = sum(len(q) for q in subs.queues.values())
@@ -360,6 +436,7 @@ class SubscriberManager(LoopActor):
                     run.append(following)
                     end += 1
                 taken = fanout.publish_many(op.topic, run, touched, force=force)
+                self._budgets.enforce(touched, overflowed)
                 if fanout.dropped != dropped:
                     dropped = fanout.dropped
                     overflowed.append(op.topic)
@@ -389,12 +466,17 @@ class SubscriberManager(LoopActor):
                         self._acked += removed
                         # The delivery window and the queue have room again.
                         touched[msg.session_id] = subs
+                        subs.ready.add(q)
                         freed.add(topic)
                         if journal is not None:
                             writes.append(StoreAck(msg.session_id, topic, q.acked_upto))
                 case Subscribe(req=req, topic=topic):
                     if not subs.admin and topic.startswith(SYS_PREFIX):
                         replies.append(encode(not_authorized(req)))
+                        continue
+                    if topic not in subs.queues and len(subs.queues) >= self._max_subscriptions:
+                        self._subscriptions_refused += 1
+                        replies.append(encode(_quota_exceeded(req, self._max_subscriptions)))
                         continue
                     made = fanout.subscribe(subs, topic)
                     if journal is not None and made is not None:
@@ -415,7 +497,11 @@ class SubscriberManager(LoopActor):
                     replies.append(encode(Pong(req=req)))
                 case Stats(req=req):
                     # Answered here, in turn: this actor sees every session come and go.
-                    replies.append(encode(StatsResult(req=req, stats=self._counters())))
+                    if subs.admin:
+                        replies.append(encode(StatsResult(req=req, stats=self._counters())))
+                    else:
+                        self._stats_refused += 1
+                        replies.append(encode(_stats_refused(req)))
                 case Unregister(req=req):
                     self._drop(msg.session_id, "unregistered")
                     if journal is not None:
@@ -437,14 +523,21 @@ class SubscriberManager(LoopActor):
         return rest, freed
 
     def _flush(self, sessions: Iterable[SessionSubs]) -> None:
-        """Send each session what its queues have pending, as far as its credit goes."""
+        """Send each session what its queues have pending, as far as its credit goes. Only
+        its `ready` queues are looked at (in subscription order, as ever); those left with
+        nothing to send leave the set until a push, an ack, a commit or a page puts them back."""
         for subs in sessions:
             conn = subs.conn
-            if conn is None:
+            if conn is None or not subs.ready:
                 continue
-            chunks, sent, credit, told = take_within(subs.queues.values(), subs.credit, self._tally)
+            ready = subs.ready
+            queues = sorted(ready, key=_by_order) if len(ready) > 1 else list(ready)
+            chunks, sent, credit, told = take_within(queues, subs.credit, self._tally)
             if self._journal is not None:
-                self._journal.page_in(subs)
+                self._journal.page_in(subs, queues)
+            for q in queues:
+                if not q.dropped_live and not q.sendable():
+                    ready.discard(q)
             if told is not None:
                 for topic, count in told:
                     _log.warning(
@@ -458,7 +551,7 @@ class SubscriberManager(LoopActor):
             if not chunks:
                 continue
             if self._journal is not None:
-                self._journal.mark_sent(subs)
+                self._journal.mark_sent(subs, queues)
             used = subs.credit - credit
             subs.credit = credit
             self._delivered += sent

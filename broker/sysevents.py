@@ -92,7 +92,7 @@ class SysEvents:
     `flush` sends connected sessions what they may have; `arm(session_id, topic)` starts a
     `DROP_INTERVAL` timer whose end comes back as `DropsDue`."""
 
-    __slots__ = ("_arm", "_drops", "_fanout", "_flush", "_journal")
+    __slots__ = ("_arm", "_drops", "_enforce", "_fanout", "_flush", "_journal")
 
     def __init__(
         self,
@@ -101,8 +101,11 @@ class SysEvents:
         journal: Journal | None,
         flush: Callable[[Iterable[SessionSubs]], None],
         arm: Callable[[str, str], None],
+        enforce: Callable[[dict[str, SessionSubs], list[str]], None] | None = None,
     ) -> None:
+        """`enforce(touched, overflowed)`: the bounds wider than one queue, after pushes."""
         self._fanout = fanout
+        self._enforce = enforce
         self._journal = journal
         self._flush = flush
         self._arm = arm
@@ -131,6 +134,14 @@ class SysEvents:
                 q.dropped_noted = q.dropped_total  # a `$sys` queue's overflow is not an event
             if subs.conn is not None:
                 touched[session_id] = subs
+                subs.ready.add(q)
+            if subs.account.bytes > fanout.session_bytes:
+                fanout.over[session_id] = subs
+        if self._enforce is not None:
+            overflowed: list[str] = []
+            self._enforce(touched, overflowed)
+            if overflowed:
+                self.note_drops(overflowed)
         journal = self._journal
         if journal is not None:
             # Committed first, then sent (the journal flushes what the commit made sendable).
@@ -227,14 +238,10 @@ def metrics(
     fanout: Fanout, *, delivered: int, redelivered: int, acked: int, expired: int
 ) -> dict[str, int]:
     """`GetMetrics`' answer (the SubscriberManager's names in broker/messages.py). What is
-    queued is summed over every queue here, at a scrape, rather than kept per message.
+    queued is the queues' own running totals (`Fanout.totals`), not a walk over them.
     `messages_published` counts clients' publishes, not the broker's own events."""
-    queued = nbytes = subscriptions = 0
-    for subs in fanout.sessions.values():
-        for q in subs.queues.values():
-            queued += len(q)
-            nbytes += q.bytes
-            subscriptions += 1
+    totals = fanout.totals
+    queued, nbytes, subscriptions = totals.count, totals.bytes, totals.queues
     return {
         "messages_published": fanout.published,
         "messages_delivered": delivered,

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.admin_users import ROOT, ROOT_PASSWORD, users_with_admin
 from tests.test_client_chaos import FAST, ChaosProxy
 from tether.broker.server import Broker
 from tether.client import (
@@ -21,6 +23,12 @@ from tether.client import (
     SessionLost,
     TakenOver,
 )
+
+
+@pytest.fixture(scope="module")
+def users_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """conftest's users and an admin, root (only admins may ask `stats`)."""
+    return users_with_admin(tmp_path_factory.mktemp("users") / "users.json")
 
 
 def aclient(target: Broker | ChaosProxy, client_id: str, **kw: Any) -> AsyncClient:
@@ -61,7 +69,7 @@ def test_publish_subscribe_iterate_and_close_twice(broker: Broker) -> None:
 
 def test_stats_returns_the_broker_counters(broker: Broker) -> None:
     async def main() -> None:
-        async with aclient(broker, "stats") as a:
+        async with aclient(broker, "stats", username=ROOT, password=ROOT_PASSWORD) as a:
             await a.publish("t", "x", confirm=True)
             stats = await a.stats()
             assert stats["sessions"] == 1

@@ -14,11 +14,18 @@ from typing import IO
 
 import pytest
 
+from tests.admin_users import ROOT, ROOT_PASSWORD, users_with_admin
 from tests.test_client_chaos import ChaosProxy, wait_until
 from tests.test_client_restart import cli_env, serve_broker, tether
 from tether.broker.server import Broker
 from tether.client import Client, SessionLost
 from tether.protocol import DEFAULT_MAX_FRAME
+
+
+@pytest.fixture(scope="module")
+def users_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """conftest's users and an admin, root (only admins may ask `stats`)."""
+    return users_with_admin(tmp_path_factory.mktemp("users") / "users.json")
 
 
 @pytest.fixture
@@ -413,9 +420,10 @@ def topics(port: str) -> int:
 
 
 def broker_stat(port: str, key: str) -> int:
-    """One counter of the broker at `port`, asked over the wire (by a session of its own)."""
+    """One counter of the broker at `port`, asked over the wire (by a session of its own, as
+    an admin: only admins may ask `stats`)."""
     with Client(
-        client_id="counter-reader", username="bob", password="hunter2", port=int(port)
+        client_id="counter-reader", username=ROOT, password=ROOT_PASSWORD, port=int(port)
     ) as reader:
         count: int = reader.stats()[key]
         reader.unregister()

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from tests.admin_users import ROOT, ROOT_PASSWORD, users_with_admin
 from tests.test_client_chaos import FAST, ChaosProxy, wait_until
 from tests.test_client_connect import free_port
 from tether.broker.server import Broker
@@ -27,6 +28,12 @@ from tether.client import (
     Timeout,
     load_state,
 )
+
+
+@pytest.fixture(scope="module")
+def users_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """conftest's users and an admin, root (only admins may ask `stats`)."""
+    return users_with_admin(tmp_path_factory.mktemp("users") / "users.json")
 
 
 def client(broker: Broker | ChaosProxy, client_id: str, **kw: Any) -> Client:
@@ -53,7 +60,7 @@ def test_publish_subscribe_and_confirm(broker: Broker) -> None:
 
 
 def test_stats_returns_the_broker_counters(broker: Broker) -> None:
-    with client(broker, "stats") as c:
+    with client(broker, "stats", username=ROOT, password=ROOT_PASSWORD) as c:
         c.subscribe("t")
         c.publish("t", "x", confirm=True)
         stats = c.stats()

@@ -5,7 +5,8 @@ actor that owns them (docs/architecture.md section 2; docs/protocol.md section 1
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,6 +15,7 @@ from tests.wire import WireClient, wait_for
 from tether.broker.config import BrokerConfig
 from tether.broker.messages import GetStats
 from tether.broker.server import Broker
+from tether.broker.users import UserStore, add_user
 from tether.protocol import Registered, Stats, StatsResult
 
 # What the `stats` frame holds (docs/protocol.md section 10), all the SubscriberManager's.
@@ -57,11 +59,24 @@ def test_a_counter_reported_by_two_actors_is_refused() -> None:
     assert broker.stats() == {"connections": 1, "auth_ok": 2, "sessions": 3, "queued": 0}
 
 
-def test_each_counter_has_one_owner_and_the_frame_agrees(
-    broker: Broker, connect: Callable[[], WireClient]
-) -> None:
-    client = connect()
-    assert isinstance(client.register("dev"), Registered)
+@pytest.fixture
+def admin_broker(tmp_path: Path) -> Iterator[Broker]:
+    """A broker whose users file has an admin (only admins may send `stats`)."""
+    users = tmp_path / "users.json"
+    add_user(users, "root", "rootpw", cost=4, admin=True)
+    broker = Broker(
+        BrokerConfig(port=0, users_path=users, data_dir=None), users=UserStore.load(users)
+    )
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+def test_each_counter_has_one_owner_and_the_frame_agrees(admin_broker: Broker) -> None:
+    broker = admin_broker
+    assert broker.address is not None
+    client = WireClient(broker.address)
+    assert isinstance(client.register("dev", "root", "rootpw"), Registered)
     wait_for(lambda: broker.stats()["connected"] == 1)
     merged = broker.stats()
     assert set(merged) == set().union(*OWNERS.values())
@@ -72,3 +87,4 @@ def test_each_counter_has_one_owner_and_the_frame_agrees(
     assert isinstance(answer, StatsResult) and set(answer.stats) == FRAME_COUNTERS
     # Nothing moved between the two readings but the frame's own session: the same values.
     assert answer.stats == {key: merged[key] for key in FRAME_COUNTERS}
+    client.close()
