@@ -286,15 +286,23 @@ class SysEvent:
 
 # Outside the loop -> the actors, for /metrics (`ask`): each answers its own figures as a
 # flat dict of name -> number. Names, and who owns each (one owner per name):
-#   ListenerManager:  connections_open, connections_accepted
+#   ListenerManager:  connections_open, connections_accepted, connections_pending,
+#                     connections_pending_bytes, connections_refused_pending,
+#                     connections_closed_unregistered, accept_pauses
 #   BrokerSupervisor: registrations_auth_failed, registrations_rate_limited,
-#                     password_checks (count)
+#                     password_checks (count), auth_queue_length, auth_queue_refused,
+#                     client_id_refused
 #   SessionManager:   sessions_online, sessions_away, registrations_new,
 #                     registrations_resumed, registrations_taken_over, registrations_conflict,
-#                     registrations_unknown_session
+#                     registrations_unknown_session, sessions_quota_refused
 #   SubscriberManager: messages_published, messages_delivered, messages_redelivered,
 #                     messages_acked, messages_dropped, messages_queued, bytes_queued,
-#                     subscriptions, topics, sessions_expired
+#                     subscriptions, topics, sessions_expired, subscriptions_refused,
+#                     stats_refused, messages_dropped_session_bytes,
+#                     messages_dropped_memory_budget, messages_dropped_store_budget,
+#                     queues_spilled, bytes_queued_memory, memory_budget, and (durable)
+#                     bytes_queued_store, store_budget
+#   (and `store_failing`, read from the store, not an actor)
 @dataclass(frozen=True, slots=True)
 class GetMetrics:
     pass

@@ -33,6 +33,31 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _PLAIN: tuple[tuple[str, str, str, str], ...] = (
     ("connections_open", "tether_connections_open", "gauge", "TCP connections open"),
     ("connections_accepted", "tether_connections_accepted", "counter", "TCP connections accepted"),
+    ("connections_pending", "tether_connections_pending", "gauge", "connections not registered"),
+    (
+        "connections_pending_bytes",
+        "tether_connections_pending_bytes",
+        "gauge",
+        "bytes read from connections not registered yet (at most what they hold)",
+    ),
+    (
+        "connections_refused_pending",
+        "tether_connections_refused_pending",
+        "counter",
+        "connections closed at accept: too many pending (per address or in all)",
+    ),
+    (
+        "connections_closed_unregistered",
+        "tether_connections_closed_unregistered",
+        "counter",
+        "connections that closed before they registered",
+    ),
+    (
+        "accept_pauses",
+        "tether_accept_pauses",
+        "counter",
+        "times accepting paused near the open-file limit",
+    ),
     ("password_checks", "tether_password_checks", "counter", "bcrypt password checks made"),
     ("messages_published", "tether_messages_published", "counter", "messages published"),
     ("messages_delivered", "tether_messages_delivered", "counter", "deliveries sent"),
@@ -54,6 +79,61 @@ _PLAIN: tuple[tuple[str, str, str, str], ...] = (
     ("subscriptions", "tether_subscriptions", "gauge", "active subscriptions"),
     ("topics", "tether_topics", "gauge", "topics with at least one subscriber"),
     ("sessions_expired", "tether_sessions_expired", "counter", "sessions ended by expiry"),
+    # Issue 12, the data path's bounds (the SubscriberManager's).
+    (
+        "subscriptions_refused",
+        "tether_subscriptions_refused",
+        "counter",
+        "subscribes refused quota_exceeded (--max-subscriptions)",
+    ),
+    ("stats_refused", "tether_stats_refused", "counter", "stats frames refused (not admin)"),
+    (
+        "messages_dropped_session_bytes",
+        "tether_messages_dropped_session_bytes",
+        "counter",
+        "queued messages dropped for --session-queue-bytes",
+    ),
+    (
+        "messages_dropped_memory_budget",
+        "tether_messages_dropped_memory_budget",
+        "counter",
+        "queued messages dropped for --memory-budget",
+    ),
+    (
+        "messages_dropped_store_budget",
+        "tether_messages_dropped_store_budget",
+        "counter",
+        "queued messages dropped for --store-budget",
+    ),
+    (
+        "queues_spilled",
+        "tether_queues_spilled",
+        "counter",
+        "queues whose backlog was moved to the store for --memory-budget",
+    ),
+    ("bytes_queued_memory", "tether_queued_memory_bytes", "gauge", "queued bytes in memory"),
+    ("memory_budget", "tether_memory_budget_bytes", "gauge", "--memory-budget in force"),
+    ("bytes_queued_store", "tether_queued_store_bytes", "gauge", "queued bytes in the store"),
+    ("store_budget", "tether_store_budget_bytes", "gauge", "--store-budget in force"),
+    ("auth_queue_length", "tether_auth_queue_length", "gauge", "logins waiting for a check"),
+    (
+        "auth_queue_refused",
+        "tether_auth_queue_refused",
+        "counter",
+        "logins answered rate_limited because the password-check queue was full",
+    ),
+    (
+        "sessions_quota_refused",
+        "tether_sessions_quota_refused",
+        "counter",
+        "fresh registrations refused: the user's session quota was reached",
+    ),
+    (
+        "client_id_refused",
+        "tether_client_id_refused",
+        "counter",
+        "registrations refused: client id outside the user's allowed prefixes",
+    ),
 )
 _SESSION_STATES = ("online", "away")
 _REGISTRATION_OUTCOMES = (

@@ -133,6 +133,10 @@ class Broker:
 
     def _start(self) -> tuple[str, int]:
         config = self.config
+        # Every connection is a descriptor: as many as the hard limit allows (one log line).
+        from tether.broker.openfiles import raise_open_file_limit
+
+        raise_open_file_limit()
         watcher: UserWatcher | None = None
         if self._users is not None:
             users = self._users  # given (tests): nothing to watch
@@ -175,6 +179,10 @@ class Broker:
             store=self._store,
             restored_sessions=snapshot.sessions,
             restored_subscriptions=snapshot.subscriptions,
+            max_subscriptions=config.max_subscriptions,
+            session_queue_bytes=config.session_queue_bytes,
+            memory_budget=config.memory_budget,
+            store_budget=config.store_budget,
         )
         sessions = SessionManager.start(
             *on_loop,
@@ -182,6 +190,7 @@ class Broker:
             session_expiry=config.session_expiry,
             store=self._store,
             restored=snapshot.sessions,
+            max_sessions_per_user=config.max_sessions_per_user,
         )
         supervisor = BrokerSupervisor.start(
             *on_loop,
@@ -191,6 +200,7 @@ class Broker:
             limiter=FailureLimiter(limit=config.auth_fail_limit, window=config.auth_fail_window),
             failure_penalty=config.auth_fail_penalty,
             observe_check=None if self.metrics is None else self.metrics.password_check.observe,
+            auth_queue=config.auth_queue,
         )
         listeners = ListenerManager.start(
             *on_loop,
@@ -200,6 +210,10 @@ class Broker:
             max_frame=config.max_frame,
             register_timeout=config.register_timeout,
             high_water=config.outbound_high_water,
+            max_register_bytes=config.max_register_bytes,
+            max_pending_connections=config.max_pending_connections,
+            max_pending_per_address=config.max_pending_per_address,
+            max_metadata=config.max_metadata,
         )
         self._refs = {
             "listeners": listeners,

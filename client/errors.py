@@ -73,9 +73,10 @@ class AuthFailed(Rejected):
 
 
 class NotAuthorized(Rejected):
-    """The broker refused a request this user may not make (`not_authorized`): today a
-    `subscribe` to a `$sys/...` topic by a user not marked admin. Nothing was done; the
-    connection and the session go on."""
+    """The broker refused a request this user may not make (`not_authorized`): a `subscribe`
+    to a `$sys/...` topic or a `stats` by a user not marked admin, or a `register` with a
+    client id outside the user's allowed prefixes. Nothing was done; the connection (and the
+    session, if any) goes on."""
 
     def __init__(self, broker_message: str) -> None:
         super().__init__(ErrorCode.NOT_AUTHORIZED, broker_message)
@@ -188,5 +189,6 @@ _HINTS: dict[str, str] = {
     "report it",
     ErrorCode.UNKNOWN_SESSION: "the session is gone; the client registers afresh by itself",
     ErrorCode.NOT_AUTHORIZED: "only users marked admin (tether user add NAME --admin) may "
-    "subscribe to $sys topics; the broker's users file decides",
+    "subscribe to $sys topics or ask stats, and a user given client-id prefixes "
+    "(--client-id-prefix) may register only such ids; the broker's users file decides",
 }

@@ -760,7 +760,8 @@ class ClientMachine:
         if code == ErrorCode.AUTH_FAILED:
             error = AuthFailed(self.config.username, f.message)
         else:
-            error = Rejected(code, f.message)
+            # `not_authorized` (a client id outside the user's prefixes) is NotAuthorized.
+            error = rejection(code, f.message)
         self._finish(error, events)
 
     def _on_frame_refused(self, f: Error, events: list[ev.Event]) -> None:
