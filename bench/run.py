@@ -1,6 +1,7 @@
 """`scripts/bench`: run the load tests and report them.
 
     scripts/bench [--quick] [--out DIR] [SCENARIO ...]
+    scripts/bench attacks [--small] [--out DIR] [ATTACK ...]   (issue 12: bench/attacks/)
 
 Scenarios: throughput, fan-out, fan-in, connections, drain, storm, latency, burst, restart,
 offline-fleet, http, api-sessions (all by default). Brokers are durable (SQLite, `--sync
@@ -38,7 +39,9 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="scripts/bench", description="Tether load tests (each against its own broker)."
+        prog="scripts/bench",
+        description="Tether load tests (each against its own broker).",
+        epilog="scripts/bench attacks [--help]: the attack suite (hostile clients, issue 12)",
     )
     parser.add_argument(
         "scenarios",
@@ -61,6 +64,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["attacks"]:
+        from bench.attacks.runner import main as attacks
+
+        return attacks(argv[1:])
     args = parse_args(argv)
     names = args.scenarios or list(SCENARIOS)
     sizes = QUICK if args.quick else FULL
