@@ -95,9 +95,9 @@ def dial() -> Iterator[Callable[[Broker], WireClient]]:
     """Connect a WireClient to any broker started in the test; closed at teardown."""
     made: list[WireClient] = []
 
-    def make(broker: Broker) -> WireClient:
+    def make(broker: Broker, timeout: float = 2.0) -> WireClient:
         assert broker.address is not None
-        client = WireClient(broker.address, timeout=2.0)
+        client = WireClient(broker.address, timeout=timeout)
         made.append(client)
         return client
 
