@@ -119,7 +119,7 @@ def _spawn(server: Server) -> None:
         )
 
 
-def _wait_listening(server: Server, timeout: float = 20.0, interval: float = 0.05) -> None:
+def wait_listening(server: Server, timeout: float = 20.0, interval: float = 0.05) -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -134,12 +134,13 @@ def _wait_listening(server: Server, timeout: float = 20.0, interval: float = 0.0
             time.sleep(interval)
 
 
-def _stop(proc: subprocess.Popen[bytes] | None) -> None:
+def stop_process(proc: subprocess.Popen[bytes] | None, grace: float = 15.0) -> None:
+    """SIGTERM, then SIGKILL after `grace` seconds."""
     if proc is None or proc.poll() is not None:
         return
     proc.terminate()
     try:
-        proc.wait(timeout=15)
+        proc.wait(timeout=grace)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(timeout=10)
@@ -150,10 +151,10 @@ def _server(name: str, cmd: Sequence[str], port: int, tmp: Path) -> Iterator[Ser
     server = Server(name, HOST, port, tmp / f"{name}.log", list(cmd))
     try:
         _spawn(server)
-        _wait_listening(server)
+        wait_listening(server)
         yield server
     finally:
-        _stop(server.proc)
+        stop_process(server.proc)
 
 
 def _broker_command(
@@ -202,7 +203,7 @@ def kill_and_restart(server: Server) -> tuple[float, float]:
     server.process.wait(timeout=10)
     t0 = time.monotonic()
     _spawn(server)
-    _wait_listening(server, timeout=60, interval=0.005)
+    wait_listening(server, timeout=60, interval=0.005)
     return t0, time.monotonic() - t0
 
 

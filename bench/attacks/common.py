@@ -23,7 +23,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.harness import HOST, BenchError, Server, cpu_seconds, free_port, rss_kib
+from bench.harness import (
+    HOST,
+    Server,
+    cpu_seconds,
+    free_port,
+    rss_kib,
+    stop_process,
+    wait_listening,
+)
 from bench.wire import CLIENT_MAX_FRAME, WireClient
 from tether.protocol import (
     BROKER_FRAME_TYPES,
@@ -139,35 +147,11 @@ def attack_broker(
                 cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=preexec
             )
         try:
-            _wait_listening(server)
+            wait_listening(server)
             yield AttackBroker(server, tmp, prefixes)
         finally:
-            _stop(server.proc)
-
-
-def _wait_listening(server: Server, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            socket.create_connection(server.address, timeout=1).close()
-            return
-        except OSError:
-            server.check_alive()
-            if time.monotonic() > deadline:
-                raise BenchError(f"the broker did not listen within {timeout:.0f} s") from None
-            time.sleep(0.05)
-
-
-def _stop(proc: subprocess.Popen[bytes] | None) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        # Nothing of an attacked broker is kept: it need not finish the hashes still queued.
-        proc.wait(timeout=1)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
+            # Nothing of an attacked broker is kept: it need not finish the hashes queued.
+            stop_process(server.proc, grace=1.0)
 
 
 class SourcedClient(WireClient):
