@@ -393,13 +393,9 @@ def test_a_drop_for_a_bound_is_a_sys_dropped_event_as_overflow_is(make: MakeLimi
     assert (fields["session_id"], fields["topic"], fields["count"]) == ("S", "t", 2)
 
 
-# --- 5. --memory-budget ----------------------------------------------------------------------
-
-
-def test_memory_mode_past_the_budget_drops_the_oldest_of_the_largest_queue_only(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    h = Limits(monkeypatch, durable=False, memory_budget=2_000)
+def _big_and_small_away(h: Limits, *, small: int) -> None:
+    """Sessions BIG and SMALL subscribe and go away; P publishes 15 x 100 B to BIG's topic,
+    then `small` x 100 B to SMALL's: the budget is crossed by SMALL's, BIG's is the largest."""
     for who in ("BIG", "SMALL", "P"):
         h.attach(who)
     h.ops("BIG", Subscribe(req=1, topic="big"))
@@ -407,7 +403,17 @@ def test_memory_mode_past_the_budget_drops_the_oldest_of_the_largest_queue_only(
     h.detach("BIG")
     h.detach("SMALL")
     h.ops("P", *[Publish(topic="big", payload=b"B" * 100) for _ in range(15)])
-    h.ops("P", *[Publish(topic="small", payload=b"s" * 100) for _ in range(6)])
+    h.ops("P", *[Publish(topic="small", payload=b"s" * 100) for _ in range(small)])
+
+
+# --- 5. --memory-budget ----------------------------------------------------------------------
+
+
+def test_memory_mode_past_the_budget_drops_the_oldest_of_the_largest_queue_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    h = Limits(monkeypatch, durable=False, memory_budget=2_000)
+    _big_and_small_away(h, small=6)
     metrics = h.metrics()
     assert metrics["messages_dropped_memory_budget"] == 1
     assert metrics["bytes_queued_memory"] == 2_000 and metrics["memory_budget"] == 2_000
@@ -501,14 +507,7 @@ def test_past_the_store_budget_the_oldest_of_the_largest_queue_go(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     h = Limits(monkeypatch, durable=True, store_budget=2_000)
-    for who in ("BIG", "SMALL", "P"):
-        h.attach(who)
-    h.ops("BIG", Subscribe(req=1, topic="big"))
-    h.ops("SMALL", Subscribe(req=1, topic="small"))
-    h.detach("BIG")
-    h.detach("SMALL")
-    h.ops("P", *[Publish(topic="big", payload=b"B" * 100) for _ in range(15)])
-    h.ops("P", *[Publish(topic="small", payload=b"s" * 100) for _ in range(7)])
+    _big_and_small_away(h, small=7)
     metrics = h.metrics()
     assert metrics["messages_dropped_store_budget"] == 2
     assert metrics["bytes_queued_store"] == 2_000 and metrics["store_budget"] == 2_000
