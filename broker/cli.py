@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from tether.broker.cli_limits import add_limit_arguments, limit_settings
+from tether.broker.cli_security import add_security_arguments, security_settings
 from tether.broker.config import BrokerConfig
 from tether.broker.logs import FORMATS, LEVELS, configure_logging, get_logger
 from tether.broker.passwords import DEFAULT_COST, MAX_COST, MIN_COST
@@ -127,6 +128,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--log-level", choices=LEVELS, default="info", help="log threshold (default: %(default)s)"
     )
     add_limit_arguments(serve)
+    add_security_arguments(serve)
     serve.set_defaults(func=_cmd_serve)
 
     user = commands.add_parser("user", help="manage the users file")
@@ -286,6 +288,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             http=args.http,
             admin_token_file=args.admin_token_file,
             **limit_settings(args),
+            **security_settings(args),
         )
     except ValueError as exc:
         return _refuse_start(str(exc))

@@ -59,6 +59,20 @@ class BrokerConfig:
     store_budget: int = 10 * 1024 * 1024 * 1024  # queued bytes in the store
     auth_queue: int = 1_000  # password checks waiting at once; when full: rate_limited
     insecure_users_file: bool = False  # start even if the users file is group/other-readable
+    # --- TLS and permissions (issue 13; broker/cli_security.py, docs/security.md) ---
+    # With a certificate and key: `port` serves TLS, unless `tls_port` is given, which then
+    # serves TLS beside the plaintext `port`. Both files are re-read on SIGHUP.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_port: int | None = None  # 0 picks a free port (tests)
+    # Mutual TLS: a client certificate signed by this CA is required on the TLS listener.
+    tls_client_ca: Path | None = None
+    # "cn" or "san": the client certificate's name is the username (no password needed);
+    # None: the certificate is required and the password is checked too.
+    tls_cert_username: str | None = None
+    require_tls: bool = False  # no plaintext listener at all
+    # A user whose users-file entry has no publish/subscribe lists may use no topic (else: all).
+    default_deny: bool = False
 
     def __post_init__(self) -> None:
         if self.session_expiry <= 0:
@@ -92,3 +106,38 @@ class BrokerConfig:
             raise ValueError("memory_budget must be >= 1")
         if self.http is not None and not 0 <= self.http[1] <= 65535:
             raise ValueError("the http port must be 0..65535")
+        self._check_tls()
+
+    def _check_tls(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.tls_cert is None:
+            for name, value in (
+                ("--tls-port", self.tls_port),
+                ("--tls-client-ca", self.tls_client_ca),
+                ("--require-tls", self.require_tls or None),
+            ):
+                if value is not None:
+                    raise ValueError(f"{name} needs --tls-cert and --tls-key")
+        if self.tls_port is not None:
+            if not 0 <= self.tls_port <= 65535:
+                raise ValueError("the TLS port must be 0..65535")
+            if self.require_tls:
+                raise ValueError(
+                    "--require-tls refuses plaintext: serve TLS on --port, without --tls-port"
+                )
+        if self.tls_cert_username is not None:
+            if self.tls_cert_username not in ("cn", "san"):
+                raise ValueError("--tls-cert-username must be cn or san")
+            if self.tls_client_ca is None:
+                raise ValueError("--tls-cert-username needs --tls-client-ca")
+
+    @property
+    def tls(self) -> bool:
+        """Some listener serves TLS."""
+        return self.tls_cert is not None
+
+    @property
+    def plaintext(self) -> bool:
+        """Some listener serves plaintext (`port` without TLS)."""
+        return self.tls_cert is None or self.tls_port is not None
