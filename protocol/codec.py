@@ -16,6 +16,7 @@ from .errors import BadFrame, BadRequest, FrameTooLarge, RemoteProtocolError
 from .fields import DEFAULT_MAX_METADATA, MAX_METADATA_DEPTH, MAX_METADATA_OBJECTS
 from .frames import DEFAULT_MAX_FRAME, FRAME_TYPES, Frame, Ping, Publish, Register
 from .maps import from_wire, to_wire
+from .scan import SCAN_OVER, LargeFrameScan, field_limit
 
 __all__ = [
     "NEED_DATA",
@@ -235,6 +236,8 @@ class FrameDecoder:
         "_max_frame",
         "_max_metadata",
         "_pos",
+        "_scan",
+        "_skip",
     )
 
     def __init__(
@@ -261,6 +264,10 @@ class FrameDecoder:
         # Otherwise (a client reading its broker) msgpack's own bound: the body's length.
         self._bound = _MAX_LEN if "register" in accept or "ping" in accept else -1
         self._hook = self._count
+        # The large frame being judged as it arrives (protocol/scan.py), and the bytes of a
+        # refused one still to be discarded as they come.
+        self._scan: LargeFrameScan | None = None
+        self._skip = 0
 
     def _count(self, container: Any) -> Any:
         """The unpacker's hook for each finished map and array: count it against the budget."""
@@ -297,6 +304,13 @@ class FrameDecoder:
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         if self._error is not None:
             return  # the stream is unusable after a framing error; don't hoard it
+        if self._skip:
+            # The rest of a refused frame: dropped unread.
+            take = min(self._skip, len(data))
+            self._skip -= take
+            if take == len(data):
+                return
+            data = data[take:]
         buf = self._buf
         pos = self._pos
         # Compact only once the consumed part is at least half the buffer, so the memmove
@@ -339,8 +353,10 @@ class FrameDecoder:
         max_frame = self._max_frame
         accept = self._accept
         bound = self._bound
-        # Frames over this size are counted as they are decoded.
+        # Frames over this size are counted as they are decoded; from a client, those over
+        # SCAN_OVER are judged as they arrive.
         counted = _COUNT_OVER if bound > 0 else max_frame
+        scan_over = SCAN_OVER if bound > 0 else max_frame
         publish_cls, register_cls, ping_cls = Publish, Register, Ping
         unpack_prefix = _PREFIX.unpack_from
         append = items.append
@@ -356,6 +372,22 @@ class FrameDecoder:
                 fatal = BadFrame("empty frame (length prefix 0)")
                 break
             end = pos + 4 + n
+            if n > scan_over:
+                try:
+                    refusal = self._judge(pos, n, size)
+                except BadFrame as e:
+                    fatal = e
+                    break
+                if refusal is not None:
+                    append(refusal)
+                    limit -= 1
+                    if end <= size:
+                        pos = end
+                        continue
+                    # Refused before it all arrived: the rest is discarded as it comes.
+                    self._skip = end - size
+                    pos = size
+                    break
             if end > size:
                 break
             if n > counted:
@@ -389,7 +421,20 @@ class FrameDecoder:
             self._error = fatal
             self._buf = bytearray()
             self._pos = 0
+            self._scan = None
+            self._skip = 0
         return items, fatal
+
+    def _judge(self, pos: int, n: int, size: int) -> BadRequest | None:
+        """Scan what has arrived of the large frame at `pos` (see protocol/scan.py)."""
+        scan = self._scan
+        if scan is None:
+            scan = self._scan = LargeFrameScan()
+        avail = min(size - pos - 4, n)
+        refusal = scan.check(self._buf, pos + 4, avail, field_limit(self._max_metadata))
+        if refusal is not None or avail == n:
+            self._scan = None  # judged: the frame is refused now or decoded whole next
+        return refusal
 
     def _check_free(self, frame: Register | Ping) -> None:
         if isinstance(frame, Register):
