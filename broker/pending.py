@@ -7,9 +7,12 @@ any transport or Listener exists, and closes the socket at once when it says no.
 no I/O, no clock.
 
 The per-address default (2,000) lets 1,000 devices behind one NAT address connect at once.
+An "address" is an IPv4 address or an IPv6 /64 (`addresses.py`).
 """
 
 from __future__ import annotations
+
+from tether.broker.addresses import source_of
 
 __all__ = ["PendingConnections"]
 
@@ -27,6 +30,7 @@ class PendingConnections:
 
     def admit(self, conn_id: int, host: str) -> bool:
         """Count `conn_id` as pending, or refuse it (counted) if that would pass a bound."""
+        host = source_of(host)
         here = self._per_host.get(host, 0)
         if len(self._hosts) >= self.max_total or here >= self.max_per_address:
             self.refused += 1
@@ -47,7 +51,7 @@ class PendingConnections:
             del self._per_host[host]
 
     def from_address(self, host: str) -> int:
-        return self._per_host.get(host, 0)
+        return self._per_host.get(source_of(host), 0)
 
     def clear(self) -> None:
         self._hosts.clear()
