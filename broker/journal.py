@@ -47,6 +47,7 @@ from tether.protocol import Error, ErrorCode, Ok, encode
 
 __all__ = [
     "COMMIT_BACKLOG",
+    "COMMIT_BACKLOG_BYTES",
     "MEMORY_HEAD",
     "PAGE",
     "PAGE_BYTES",
@@ -62,6 +63,8 @@ MEMORY_HEAD = 100  # messages an away queue keeps in memory; the rest only in th
 PAGE = 1_000  # messages of a queue's tail read back at once
 PAGE_BYTES = 4 * 1024 * 1024  # ... and at most about this many payload bytes (by its average)
 COMMIT_BACKLOG = 20_000  # messages waiting for their commit before publishers are paused
+# ... or their payload bytes: 20,000 messages of 1 MiB would be 20 GiB held for a slow disk.
+COMMIT_BACKLOG_BYTES = 64 * 1024 * 1024
 
 _log = structlog.get_logger("tether.subscribers")
 
@@ -103,6 +106,7 @@ class Pending:
     submitted: bool = True
     appends: list[Run] = field(default_factory=list)  # one per Append
     size: int = 0  # messages appended (counted against the backlog until committed)
+    bytes: int = 0  # their payload bytes (likewise)
     latest: dict[int, Run] = field(default_factory=dict)  # id(queue) -> its latest run
     subscribed: list[tuple[SessionSubs, SubscriptionQueue]] = field(default_factory=list)  # made
 
@@ -177,6 +181,7 @@ class Journal:
         memory_head: int = MEMORY_HEAD,
         page: int = PAGE,
         commit_backlog: int = COMMIT_BACKLOG,
+        commit_backlog_bytes: int | None = None,  # None: COMMIT_BACKLOG_BYTES
     ) -> None:
         self._store = store
         self._fanout = fanout
@@ -194,8 +199,9 @@ class Journal:
         self._failed_batches = self._failed_messages = 0  # since the store last committed
         # Messages appended and not yet committed, and the publishers paused until the store
         # has caught up with them (the backlog bounds the memory a slow disk can cost).
-        self._uncommitted = 0
+        self._uncommitted = self._uncommitted_bytes = 0
         self._backlog = max(1, commit_backlog)
+        self._backlog_bytes = max(1, commit_backlog_bytes or COMMIT_BACKLOG_BYTES)
         self._slowed: dict[int, ConnHandle] = {}
         fanout.journal = []
 
@@ -284,11 +290,14 @@ class Journal:
             batch[:0] = self.lazy
             self.lazy = []
         self._inflight.append(pending)
-        pending.size = sum(len(run.payloads) for run in pending.appends)
+        appends = pending.appends
+        pending.size = sum(len(run.payloads) for run in appends)
+        pending.bytes = sum(sum(map(len, run.payloads)) for run in appends)
         self._uncommitted += pending.size
+        self._uncommitted_bytes += pending.bytes
         conn = pending.conn
         if (
-            self._uncommitted > self._backlog
+            (self._uncommitted > self._backlog or self._uncommitted_bytes > self._backlog_bytes)
             and conn is not None
             and conn.conn_id not in self._slowed
         ):
@@ -307,11 +316,16 @@ class Journal:
         inflight = self._inflight
         first = inflight.popleft()
         self._uncommitted -= first.size
+        self._uncommitted_bytes -= first.bytes
         self._answer(first, error)
         # Answers that wrote nothing and waited only for their turn.
         while inflight and not inflight[0].submitted:
             self._answer(inflight.popleft(), None)
-        if self._slowed and self._uncommitted <= self._backlog // 2:
+        if (
+            self._slowed
+            and self._uncommitted <= self._backlog // 2
+            and self._uncommitted_bytes <= self._backlog_bytes // 2
+        ):
             slowed, self._slowed = self._slowed, {}
             for conn_id, conn in slowed.items():
                 if conn_id not in self._held_conns:  # a held one stays paused

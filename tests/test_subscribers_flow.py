@@ -347,9 +347,16 @@ class HoldingStore(MemoryStore):
         self.done.append(lambda: on_done(results[0]))
 
 
+@pytest.mark.parametrize(
+    ("messages", "payload_bytes"),
+    [(5, journal.COMMIT_BACKLOG_BYTES), (10_000, 5)],
+    ids=["messages", "bytes"],
+)
 def test_nothing_goes_out_before_the_commit_and_a_backlog_pauses_the_publisher(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, messages: int, payload_bytes: int
 ) -> None:
+    # The backlog is bounded in messages and in payload bytes: either pauses the publisher.
+    monkeypatch.setattr(journal, "COMMIT_BACKLOG_BYTES", payload_bytes)
     store = HoldingStore()
     sm = SubscriberManager(
         FakeLoop(),  # type: ignore[arg-type]
@@ -358,7 +365,7 @@ def test_nothing_goes_out_before_the_commit_and_a_backlog_pauses_the_publisher(
         queue_bytes=1 << 30,
         outbound_high_water=1 << 20,
         store=store,
-        commit_backlog=5,
+        commit_backlog=messages,
     )
     committed: list[Any] = []
 
