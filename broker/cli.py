@@ -1,7 +1,7 @@
-"""The broker's commands of the `tether` command: `serve` runs the broker, `user add|remove|list`
-manage the users file (a running broker reloads it when it changes), `token new` makes an admin
-token for the HTTP API. tether/cli.py puts them beside the client tools (README, "Command
-line")."""
+"""The broker's commands of the `tether` command: `serve` runs the broker, `user
+add|set|remove|list` manage the users file (a running broker reloads it when it changes),
+`token new` makes an admin token for the HTTP API. tether/cli.py puts them beside the client
+tools (README, "Command line")."""
 
 from __future__ import annotations
 
@@ -15,15 +15,20 @@ from tether.broker.cli_security import add_security_arguments, security_settings
 from tether.broker.config import BrokerConfig
 from tether.broker.logs import FORMATS, LEVELS, configure_logging, get_logger
 from tether.broker.passwords import DEFAULT_COST, MAX_COST, MIN_COST
+from tether.broker.permissions import PatternError, validate_pattern
 from tether.broker.token_cli import add_token_commands
 from tether.broker.users import (
+    KEEP,
+    Keep,
     UserExistsError,
     UserFileError,
     UserNotFoundError,
+    UserRecord,
     UserStore,
     add_user,
     insecure_mode,
     remove_user,
+    set_user,
     validate_client_id_prefix,
 )
 from tether.cli_common import PROG, CliError, port, positive
@@ -32,6 +37,8 @@ __all__ = ["add_commands", "read_password"]
 
 # `serve`'s defaults are BrokerConfig's, not restated here.
 _DEFAULT = BrokerConfig()
+# `--pub-any` / `--sub-any`: a list lifted (no restriction), told apart from "not given" (None).
+_ANY = "any"
 
 
 def _cost(text: str) -> int:
@@ -183,7 +190,18 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         action="store_true",
         help="with --replace: lift the user's client id prefixes (any client id)",
     )
+    _permission_arguments(add, replacing="with --replace: ")
     add.set_defaults(func=_cmd_user_add)
+
+    set_ = user_commands.add_parser(
+        "set",
+        help="change a user's topic permissions (the password stays; a running broker applies "
+        "them to the user's sessions on reload)",
+    )
+    set_.add_argument("name")
+    _users_argument(set_)
+    _permission_arguments(set_, replacing="")
+    set_.set_defaults(func=_cmd_user_set)
 
     remove = user_commands.add_parser(
         "remove", help="remove a user; a running broker ends their sessions (session_ended)"
@@ -193,12 +211,45 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     remove.set_defaults(func=_cmd_user_remove)
 
     list_ = user_commands.add_parser(
-        "list", help="list user names, creation times, admin marks and client id prefixes"
+        "list",
+        help="list user names, creation times, admin marks, client id prefixes and topic "
+        "permissions",
     )
     _users_argument(list_)
     list_.set_defaults(func=_cmd_user_list)
 
     add_token_commands(commands)
+
+
+def _permission_arguments(parser: argparse.ArgumentParser, *, replacing: str) -> None:
+    """`--pub`/`--sub` (repeatable) and their `-any`/`-none` forms: the user's topic patterns
+    (broker/permissions.py). Not given: left as they are (a new user: any topic)."""
+    for flag, dest, verb in (("pub", "publish", "publish"), ("sub", "subscribe", "subscribe to")):
+        group = parser.add_mutually_exclusive_group()
+        group.add_argument(
+            f"--{flag}",
+            dest=dest,
+            action="append",
+            default=None,
+            metavar="PATTERN",
+            help=f"a topic pattern the user may {verb}: `+` one level, `#` the rest, "
+            "{username} and {client_id} a whole level each (repeatable; "
+            f"{replacing}replaces the list); anything else is not_authorized",
+        )
+        group.add_argument(
+            f"--{flag}-any",
+            dest=dest,
+            action="store_const",
+            const=_ANY,
+            help=f"{replacing}lift the {dest} list: any topic (none with serve --default-deny)",
+        )
+        group.add_argument(
+            f"--{flag}-none",
+            dest=dest,
+            action="store_const",
+            const=[],
+            help=f"the user may {verb} no topic at all",
+        )
 
 
 def _store_arguments(parser: argparse.ArgumentParser) -> None:
@@ -343,6 +394,10 @@ def _cmd_user_add(args: argparse.Namespace) -> int:
             validate_client_id_prefix(prefix)  # before the password prompt
         except ValueError as exc:
             raise CliError(str(exc)) from None
+    try:
+        publish, subscribe = _patterns(args.publish), _patterns(args.subscribe)
+    except PatternError as exc:
+        return _refuse_pattern(exc)  # before the password prompt
     password = read_password(args.name)
     if not password:
         raise CliError("empty password refused")
@@ -357,6 +412,8 @@ def _cmd_user_add(args: argparse.Namespace) -> int:
             end_sessions=args.end_sessions,
             admin=args.admin,
             client_id_prefixes=prefixes,
+            publish=publish,
+            subscribe=subscribe,
         )
     except UserExistsError as exc:
         raise CliError(f"{exc} (use --replace to change the password)") from None
@@ -368,6 +425,61 @@ def _cmd_user_add(args: argparse.Namespace) -> int:
     ended = " and ended their sessions" if args.end_sessions else ""
     print(f"{PROG}: {verb} user {args.name!r}{ended} in {args.users}", file=sys.stderr)
     return 0
+
+
+def _patterns(given: list[str] | str | None) -> list[str] | Keep | None:
+    """A `--pub`/`--sub` option as `add_user`/`set_user` take it; raises `PatternError`."""
+    if given is None:
+        return KEEP
+    if given == _ANY:
+        return None
+    assert isinstance(given, list)
+    for pattern in given:
+        validate_pattern(pattern)
+    return given
+
+
+def _refuse_pattern(exc: PatternError) -> int:
+    # A usage error, as argparse's: one line, status 2, nothing written.
+    print(f"{PROG}: error: {exc}", file=sys.stderr)
+    return 2
+
+
+def _cmd_user_set(args: argparse.Namespace) -> int:
+    try:
+        publish, subscribe = _patterns(args.publish), _patterns(args.subscribe)
+    except PatternError as exc:
+        return _refuse_pattern(exc)
+    if isinstance(publish, Keep) and isinstance(subscribe, Keep):
+        raise CliError(
+            "nothing to change: give --pub/--sub PATTERN, --pub-any/--sub-any or "
+            "--pub-none/--sub-none"
+        )
+    try:
+        record = set_user(args.users, args.name, publish=publish, subscribe=subscribe)
+    except (UserFileError, UserNotFoundError) as exc:
+        raise CliError(str(exc)) from None
+    except OSError as exc:
+        raise CliError(f"cannot write {args.users}: {exc.strerror or exc}") from None
+    print(
+        f"{PROG}: set the topic permissions of user {args.name!r} in {args.users}: "
+        f"{_shown_permissions(record)} (a running broker applies them on reload)",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _shown_list(patterns: tuple[str, ...] | None) -> str:
+    if patterns is None:
+        return "any"
+    if not patterns:
+        return "none"
+    # repr: a pattern may hold spaces or commas.
+    return ", ".join(repr(p) for p in patterns)
+
+
+def _shown_permissions(record: UserRecord) -> str:
+    return f"publish {_shown_list(record.publish)}; subscribe {_shown_list(record.subscribe)}"
 
 
 def _cmd_user_remove(args: argparse.Namespace) -> int:
@@ -400,5 +512,7 @@ def _cmd_user_list(args: argparse.Namespace) -> int:
                 # repr: a prefix may hold spaces or commas.
                 shown = ", ".join(repr(p) for p in record.client_id_prefixes)
                 line += f"\tclient ids starting with {shown}"
+            if record.publish is not None or record.subscribe is not None:
+                line += f"\t{_shown_permissions(record)}"
             print(line)
     return 0

@@ -10,6 +10,7 @@ from bisect import bisect_right
 from dataclasses import dataclass, field
 
 from tether.broker.messages import ConnHandle
+from tether.broker.permissions import ALLOW_ALL, TopicMatcher
 from tether.broker.queues import Account, SubscriptionQueue, Totals
 from tether.protocol import Publish
 
@@ -22,7 +23,8 @@ class SessionSubs:
     `username` and `admin` come with each `Attach` (`admin`: may subscribe to `$sys/...`).
     `ready`: the queues that may have something to send (deliveries, or a `dropped` notice),
     so that a flush touches those only, not every subscription; `account`: the payload bytes
-    of all its queues (`--session-queue-bytes`)."""
+    of all its queues (`--session-queue-bytes`); `perms`: what its user may publish and
+    subscribe to."""
 
     session_id: str
     client_id: str
@@ -35,6 +37,10 @@ class SessionSubs:
     admin: bool = False
     ready: set[SubscriptionQueue] = field(default_factory=set)
     account: Account = field(default_factory=Account)
+    # Its user's topic permissions (grants.py), compiled at each attach and reload.
+    perms: TopicMatcher = ALLOW_ALL
+    # Subscriptions ended by a permissions change while away: told at the next attach.
+    revoked: list[str] = field(default_factory=list)
 
 
 class Fanout:

@@ -1,10 +1,12 @@
 """`HttpServer`: the HTTP endpoint's aiohttp application (`http.HttpApp`) served on a thread and
-event loop of its own (`tether-http`), so nothing it does runs on the broker's loop."""
+event loop of its own (`tether-http`), so nothing it does runs on the broker's loop. With an
+`ssl_context` it serves HTTPS (the broker's certificate, issue 13)."""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import ssl
 import threading
 from pathlib import Path
 
@@ -33,8 +35,10 @@ class HttpServer:
         limiter: FailureLimiter,
         penalty: float,
         ask_workers: int = 4,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self._host, self._port = host, port
+        self._ssl = ssl_context
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=ask_workers, thread_name_prefix="tether-http-ask"
         )
@@ -65,12 +69,31 @@ class HttpServer:
         )
         await runner.setup()
         self._runner = runner
-        site = web.TCPSite(runner, self._host, self._port, reuse_address=True)
+        site = web.TCPSite(
+            runner, self._host, self._port, reuse_address=True, ssl_context=self._ssl
+        )
         await site.start()
         server = site._server  # aiohttp keeps the asyncio server private; its socket says the port
         assert isinstance(server, asyncio.Server) and server.sockets
         sockname = server.sockets[0].getsockname()
         return (str(sockname[0]), int(sockname[1]))
+
+    @property
+    def tls(self) -> bool:
+        return self._ssl is not None
+
+    def reload_tls(self, cert: Path, key: Path) -> None:
+        """Load a renewed certificate and key into the live context, on this server's loop
+        (between two handshakes): the next handshakes use it, open connections keep theirs.
+        Raises what `load_cert_chain` raises; the caller checked the files just before."""
+        context, loop = self._ssl, self._loop
+        if context is None or loop is None:
+            return
+
+        async def load() -> None:
+            context.load_cert_chain(cert, key)
+
+        asyncio.run_coroutine_threadsafe(load(), loop).result(10)
 
     def stop(self) -> None:
         loop, thread = self._loop, self._thread

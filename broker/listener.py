@@ -49,6 +49,7 @@ from tether.broker.messages import (
     Throttle,
 )
 from tether.broker.netedge import Link
+from tether.broker.tls import PeerCertificate
 from tether.protocol import (
     CLIENT_FRAME_TYPES,
     NEED_DATA,
@@ -157,9 +158,12 @@ class Listener(LoopActor):
         register_timeout: float,
         max_register_bytes: int | None = None,
         max_metadata: int | None = None,
+        certificate: PeerCertificate | None = None,
     ) -> None:
+        """`certificate`: the connection's verified client certificate (TLS), if any."""
         super().__init__(loop, loop_thread)
         self._link = link
+        self._certificate = certificate
         self._conn = ConnHandle(conn_id, self.actor_ref, link.peer)
         self._supervisor = supervisor
         self._session_manager = session_manager
@@ -407,7 +411,10 @@ class Listener(LoopActor):
                 # The registration timeout stops when `register` arrives.
                 link.set_deadline(None)
                 link.pause_reading()
-                tell(self._supervisor, RegisterRequest(item, self._conn))
+                tell(
+                    self._supervisor,
+                    RegisterRequest(item, self._conn, certificate=self._certificate),
+                )
                 return index + 1
             else:
                 link.write(

@@ -13,6 +13,13 @@ is where connections are cheapest to refuse, so the bounds live here:
   backs off (`acceptor.py`). The backlog is 512, not 4,096: a queue the broker cannot serve
   soon only makes clients wait longer before they learn.
 - **Loop errors** are logged by a rate-limited exception handler (`logthrottle.py`).
+
+TLS (issue 13): a listener made with a context serves TLS. Its connections shake hands before
+any Listener exists, within the registration timeout, while counted as pending like any other;
+a failed handshake (a plaintext client, a wrong or expired certificate, none where one is
+required, a timeout) closes that connection only, is counted (`tls_handshake_failures`) and
+summed up in the log once per interval. `SetTlsContext` swaps the context for the handshakes
+that follow (a reload on SIGHUP); connections already open keep theirs.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import asyncio
 import functools
 import itertools
 import socket
+import ssl
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -45,13 +53,26 @@ if TYPE_CHECKING:
 
 _log = structlog.get_logger("tether.listeners")
 
-LISTEN_BACKLOG = 512
+# Connections the kernel completes before we accept them. A reconnect storm (1,000 devices
+# behind one NAT address, or a flood) must fit: past it the kernel drops SYNs and every
+# client, good ones included, waits out a 1 s retransmit. Capped by net.core.somaxconn.
+LISTEN_BACKLOG = 2048
 
 
 @dataclass(frozen=True, slots=True)
 class StartListening:
+    """Listen on (host, port), TLS with `tls`; answered with a future of the bound address."""
+
     host: str
     port: int
+    tls: ssl.SSLContext | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SetTlsContext:
+    """The context the TLS listener's next handshakes use (a reloaded certificate)."""
+
+    context: ssl.SSLContext
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +126,8 @@ class ListenerManager(LoopActor):
             max_total=max_pending_connections, max_per_address=max_pending_per_address
         )
         self._capacity: int | None = None  # connections that fit under the open-file limit
-        self._acceptor: Acceptor | None = None
+        self._acceptors: list[Acceptor] = []
+        self._tls: ssl.SSLContext | None = None  # the TLS listeners' context (swapped on reload)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._quiet = LogThrottle(loop, self._log_summary)
         self._loop_errors: LoopErrors | None = None
@@ -113,14 +135,19 @@ class ListenerManager(LoopActor):
         self.accepted = 0
         self.accept_pauses = 0
         self.closed_unregistered = 0
+        self.tls_handshake_failures = 0
 
     def on_receive(self, message: Any) -> Any:
         match message:
-            case StartListening(host, port):
+            case StartListening(host, port, tls):
                 # Answered with a future the caller (outside the loop) waits on.
-                return asyncio.run_coroutine_threadsafe(self._listen(host, port), self.loop)
+                return asyncio.run_coroutine_threadsafe(self._listen(host, port, tls), self.loop)
+            case SetTlsContext(context):
+                self._tls = context
             case StopListening():
                 self._stop_accepting()
+                for task in list(self._tasks):
+                    task.cancel()  # handshakes under way
                 for ref in list(self._listeners.values()):
                     ref.stop(block=False)
                 self._listeners.clear()
@@ -162,12 +189,13 @@ class ListenerManager(LoopActor):
                     "connections_refused_pending": self._pending.refused,
                     "connections_closed_unregistered": self.closed_unregistered,
                     "accept_pauses": self.accept_pauses,
+                    "tls_handshake_failures": self.tls_handshake_failures,
                 }
             case _:
                 return super().on_receive(message)
         return None
 
-    async def _listen(self, host: str, port: int) -> tuple[str, int]:
+    async def _listen(self, host: str, port: int, tls: ssl.SSLContext | None) -> tuple[str, int]:
         if self._loop_errors is None:
             # Errors the loop cannot pin on anyone (EMFILE in a transport, a callback that
             # raised): one line per kind and interval, not one traceback each.
@@ -175,26 +203,38 @@ class ListenerManager(LoopActor):
             self.loop.set_exception_handler(self._loop_errors)
         sockets = await bind(self.loop, host, port, LISTEN_BACKLOG)
         self._capacity = connection_capacity()
-        self._acceptor = Acceptor(self.loop, sockets, self._accept, self._quiet)
-        self._acceptor.start()
+        if tls is not None:
+            self._tls = tls
+        acceptor = Acceptor(
+            self.loop, sockets, functools.partial(self._accept, tls is not None), self._quiet
+        )
+        if any(other.paused for other in self._acceptors):
+            acceptor.pause()  # near the open-file limit already: all pause together
+        self._acceptors.append(acceptor)
+        acceptor.start()
         sockname = sockets[0].getsockname()
         _log.info(
             "listening",
             host=sockname[0],
             port=sockname[1],
+            tls=tls is not None,
+            mutual_tls=tls is not None and tls.verify_mode == ssl.CERT_REQUIRED,
             backlog=LISTEN_BACKLOG,
             connection_capacity=self._capacity,
         )
         return sockname[0], sockname[1]
 
     def _stop_accepting(self) -> None:
-        if self._acceptor is not None:
-            self._acceptor.close()
-            self._acceptor = None
+        acceptors, self._acceptors = self._acceptors, []
+        for acceptor in acceptors:
+            acceptor.close()
+
+    def _paused(self) -> bool:
+        return bool(self._acceptors) and self._acceptors[0].paused
 
     # --- the accept path (on the loop thread, outside message handling, like the edge) -----
 
-    def _accept(self, sock: socket.socket, address: Any) -> None:
+    def _accept(self, tls: bool, sock: socket.socket, address: Any) -> None:
         host = str(address[0]) if isinstance(address, tuple) else str(address)
         conn_id = next(self._conn_ids)
         if not self._pending.admit(conn_id, host):
@@ -202,41 +242,51 @@ class ListenerManager(LoopActor):
             self._quiet.hit("refused_pending", address=host)
             return
         self._open.add(conn_id)
-        acceptor = self._acceptor
         if (
-            acceptor is not None
+            self._acceptors
             and self._capacity is not None
             and len(self._open) >= self._capacity
-            and not acceptor.paused
+            and not self._paused()
         ):
             # Near the open-file limit: the next connections wait in the backlog until some
             # close, rather than failing accept() (EMFILE) over and over.
-            acceptor.pause()
+            for acceptor in self._acceptors:
+                acceptor.pause()
             self.accept_pauses += 1
             self._quiet.hit("accept_paused", open=len(self._open), capacity=self._capacity)
-        task = self.loop.create_task(self._serve(conn_id, sock))
+        context = self._tls if tls else None
+        task = self.loop.create_task(self._serve(conn_id, sock, host, context))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _serve(self, conn_id: int, sock: socket.socket) -> None:
+    async def _serve(
+        self, conn_id: int, sock: socket.socket, host: str, tls: ssl.SSLContext | None
+    ) -> None:
         make = functools.partial(self._new_connection, conn_id)
         try:
-            await self.loop.connect_accepted_socket(make, sock)
-        except OSError as e:  # the peer is gone already, or no descriptor for the transport
+            if tls is None:
+                await self.loop.connect_accepted_socket(make, sock)
+            else:
+                # The handshake's timeout is the registration's: it is part of registering.
+                await self.loop.connect_accepted_socket(
+                    make, sock, ssl=tls, ssl_handshake_timeout=self._register_timeout
+                )
+        except OSError as e:  # ssl.SSLError included
             sock.close()
-            self._quiet.hit("serve_failed", error=str(e))
+            if tls is None:
+                # The peer is gone already, or no descriptor for the transport.
+                self._quiet.hit("serve_failed", error=str(e))
+            else:
+                self.tls_handshake_failures += 1
+                self._quiet.hit("tls_handshake_failed", address=host, reason=_handshake_reason(e))
             self._gone(conn_id)
 
     def _gone(self, conn_id: int) -> None:
         self._open.discard(conn_id)
         self._pending.release(conn_id)
-        acceptor = self._acceptor
-        if (
-            acceptor is not None
-            and acceptor.paused
-            and (self._capacity is None or len(self._open) < self._capacity)
-        ):
-            acceptor.resume()
+        if self._paused() and (self._capacity is None or len(self._open) < self._capacity):
+            for acceptor in self._acceptors:
+                acceptor.resume()
 
     def _new_connection(self, conn_id: int) -> Connection:
         return Connection(
@@ -261,6 +311,7 @@ class ListenerManager(LoopActor):
             register_timeout=self._register_timeout,
             max_register_bytes=self._max_register_bytes,
             max_metadata=self._max_metadata,
+            certificate=link.certificate,
         )
         # Not `Listener.start()`: the connection needs the object itself as its handler (both
         # run on this loop thread), and this manager, not pykka's registry (whose removal is a
@@ -304,3 +355,12 @@ class ListenerManager(LoopActor):
         self._quiet.close()
         if self._loop_errors is not None:
             self._loop_errors.close()
+
+
+def _handshake_reason(exc: OSError) -> str:
+    """What went wrong, in a few words (OpenSSL's reason code, or the verify result)."""
+    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+        return f"{exc.reason}: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return str(exc.reason)
+    return exc.strerror or str(exc) or type(exc).__name__

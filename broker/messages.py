@@ -8,6 +8,7 @@ from typing import Any
 
 from pykka import ActorRef
 
+from tether.broker.tls import PeerCertificate
 from tether.broker.users import UserStore
 from tether.protocol import ClientFrame, Error, ErrorCode, Register
 
@@ -22,11 +23,13 @@ class ConnHandle:
     peer: str
 
 
-# Listener -> BrokerSupervisor
+# Listener -> BrokerSupervisor. `certificate`: the connection's verified client certificate
+# (mutual TLS), which may log the client in instead of a password (`--tls-cert-username`).
 @dataclass(frozen=True, slots=True)
 class RegisterRequest:
     frame: Register
     conn: ConnHandle
+    certificate: PeerCertificate | None = None
 
 
 # BrokerSupervisor -> SessionManager (authenticated is False for a resume: the token decides).
@@ -151,7 +154,8 @@ class EndSession:
     conn_id: int
 
 
-# The users file watcher (off the loop) -> BrokerSupervisor: the file changed and reads well.
+# The users file watcher (off the loop) -> SubscriberManager (topic permissions), then
+# BrokerSupervisor: the file changed and reads well.
 @dataclass(frozen=True, slots=True)
 class UsersReloaded:
     users: UserStore
@@ -288,7 +292,8 @@ class SysEvent:
 # flat dict of name -> number. Names, and who owns each (one owner per name):
 #   ListenerManager:  connections_open, connections_accepted, connections_pending,
 #                     connections_pending_bytes, connections_refused_pending,
-#                     connections_closed_unregistered, accept_pauses
+#                     connections_closed_unregistered, accept_pauses,
+#                     tls_handshake_failures
 #   BrokerSupervisor: registrations_auth_failed, registrations_rate_limited,
 #                     password_checks (count), auth_queue_length, auth_queue_refused,
 #                     client_id_refused
@@ -300,8 +305,9 @@ class SysEvent:
 #                     subscriptions, topics, sessions_expired, subscriptions_refused,
 #                     stats_refused, messages_dropped_session_bytes,
 #                     messages_dropped_memory_budget, messages_dropped_store_budget,
-#                     queues_spilled, bytes_queued_memory, memory_budget, and (durable)
-#                     bytes_queued_store, store_budget
+#                     queues_spilled, bytes_queued_memory, memory_budget,
+#                     permission_denied_publish, permission_denied_subscribe,
+#                     subscriptions_revoked, and (durable) bytes_queued_store, store_budget
 #   (and `store_failing`, read from the store, not an actor)
 @dataclass(frozen=True, slots=True)
 class GetMetrics:

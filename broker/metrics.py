@@ -58,6 +58,18 @@ _PLAIN: tuple[tuple[str, str, str, str], ...] = (
         "counter",
         "times accepting paused near the open-file limit",
     ),
+    (
+        "tls_handshake_failures",
+        "tether_tls_handshake_failures",
+        "counter",
+        "TLS handshakes that failed (plaintext client, bad or missing certificate, timeout)",
+    ),
+    (
+        "certificate_logins",
+        "tether_certificate_logins",
+        "counter",
+        "fresh logins by a client certificate's name, without a password (--tls-cert-username)",
+    ),
     ("password_checks", "tether_password_checks", "counter", "bcrypt password checks made"),
     ("messages_published", "tether_messages_published", "counter", "messages published"),
     ("messages_delivered", "tether_messages_delivered", "counter", "deliveries sent"),
@@ -87,6 +99,12 @@ _PLAIN: tuple[tuple[str, str, str, str], ...] = (
         "subscribes refused quota_exceeded (--max-subscriptions)",
     ),
     ("stats_refused", "tether_stats_refused", "counter", "stats frames refused (not admin)"),
+    (
+        "subscriptions_revoked",
+        "tether_subscriptions_revoked",
+        "counter",
+        "subscriptions ended because the users file no longer allows them",
+    ),
     (
         "messages_dropped_session_bytes",
         "tether_messages_dropped_session_bytes",
@@ -193,6 +211,17 @@ class _ActorCollector(Collector):
                 registrations.add_metric((outcome,), value)
         if registrations.samples:
             yield registrations
+        denied = CounterMetricFamily(
+            "tether_permission_denied",
+            "publishes and subscribes refused by the user's topic permissions",
+            labels=("action",),
+        )
+        for action in ("publish", "subscribe"):
+            value = figures.get(f"permission_denied_{action}")
+            if value is not None:
+                denied.add_metric((action,), value)
+        if denied.samples:
+            yield denied
         failing = figures.get("store_failing")
         if failing is not None:
             yield GaugeMetricFamily(

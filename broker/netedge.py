@@ -18,6 +18,11 @@ the limit still allows, so not one byte more is taken from the socket; once the 
 spent reading pauses and the rest waits in the socket. So an unregistered peer holds at most
 `read_limit` bytes of the broker's memory, however much it sends.
 
+TLS (issue 13): a TLS connection's transport is asyncio's SSL transport, made once the
+handshake is done (the ListenerManager's `connect_accepted_socket(..., ssl=...)`); the verified
+client certificate, if any, is `certificate`. While the read limit is in force, the ciphertext
+the SSL layer buffers ahead of it is capped at the limit too.
+
 Everything here runs on the broker's event loop thread, as do the handlers' message handling:
 the handler's state is only ever touched by that thread.
 """
@@ -30,6 +35,8 @@ from collections.abc import Callable
 from typing import Protocol
 
 import structlog
+
+from tether.broker.tls import PeerCertificate
 
 _log = structlog.get_logger("tether.net")
 
@@ -50,6 +57,13 @@ def _read_buffer() -> memoryview:
     if view is None:
         view = _buffers.view = memoryview(bytearray(READ_SIZE))
     return view
+
+
+def _ssl_read_ahead(transport: asyncio.Transport, high: int | None) -> None:
+    # asyncio's SSL transport has this; the plain one's type does not declare it.
+    set_limits = getattr(transport, "set_read_buffer_limits", None)
+    if set_limits is not None:
+        set_limits(high=high)
 
 
 class ConnectionHandler(Protocol):
@@ -100,6 +114,8 @@ class Connection(asyncio.BufferedProtocol):
         # Bytes this connection may still read (None: no limit); see the module's docstring.
         self._read_left = read_limit
         self.peer = "?"
+        self.certificate: PeerCertificate | None = None  # a verified client certificate's names
+        self._tls = False
 
     # --- asyncio callbacks ---------------------------------------------------------------
 
@@ -110,6 +126,12 @@ class Connection(asyncio.BufferedProtocol):
         peername = transport.get_extra_info("peername")
         if isinstance(peername, tuple) and len(peername) >= 2:
             self.peer = f"{peername[0]}:{peername[1]}"
+        if transport.get_extra_info("ssl_object") is not None:
+            self._tls = True
+            self.certificate = PeerCertificate.from_peercert(transport.get_extra_info("peercert"))
+            if self._read_left is not None:
+                # The SSL layer reads ahead of us (256 KiB by default): not before `registered`.
+                _ssl_read_ahead(transport, self._read_left)
         self._last_rx = self._loop.time()
         self._handler = self._make_handler(self)
 
@@ -216,6 +238,8 @@ class Connection(asyncio.BufferedProtocol):
     def lift_read_limit(self) -> None:
         """Read without a limit from now on (the connection registered)."""
         self._read_left = None
+        if self._tls and self._transport is not None and not self._closing:
+            _ssl_read_ahead(self._transport, None)  # asyncio's default again
         self._apply_reading()
 
     @property

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import ipaddress
 import os
 import signal
+import ssl
 import threading
 import time
 from typing import Any, cast
@@ -20,6 +22,7 @@ from tether.broker.http_server import HttpServer
 from tether.broker.listener_manager import (
     Drain,
     ListenerManager,
+    SetTlsContext,
     StartListening,
     StopListening,
 )
@@ -33,6 +36,12 @@ from tether.broker.store import Snapshot, Store, StoreError
 from tether.broker.store_sqlite import SqliteStore
 from tether.broker.subscribers import SubscriberManager
 from tether.broker.supervisor import BrokerSupervisor
+from tether.broker.tls import (
+    TlsFileError,
+    broker_context,
+    certificate_summary,
+    http_context,
+)
 from tether.broker.users import UserStore
 from tether.broker.userwatch import UserWatcher
 from tether.cli_common import PROG
@@ -61,7 +70,12 @@ class Broker:
         self._refs: dict[str, ActorRef[Any]] = {}
         self._store: Store | None = None
         self._watcher: UserWatcher | None = None
+        # The `port` listener's address (TLS or plaintext), and the TLS listener's (the same
+        # when `port` serves TLS; None without TLS).
         self.address: tuple[str, int] | None = None
+        self.tls_address: tuple[str, int] | None = None
+        self._tls_context: ssl.SSLContext | None = None
+        self._http_tls: ssl.SSLContext | None = None
         # What the store held when the broker stopped: (sessions, queued messages).
         self.saved: tuple[int, int] | None = None
         # Set when a stop begins. /health answers 503 while it is set, so a load balancer
@@ -87,8 +101,10 @@ class Broker:
         return self._store
 
     def start(self) -> tuple[str, int]:
-        """Start and listen. Raises StartupError for an unusable HTTP address, OSError for
-        the TCP listener's, a StoreError for the store's."""
+        """Start and listen. Raises StartupError for an unusable HTTP address or TLS file,
+        OSError for the TCP listener's, a StoreError for the store's."""
+        if self.config.tls:
+            self._load_tls()
         if self.config.http is not None:
             # First, so /health answers "starting" while the store loads.
             self._start_http(self.config.http)
@@ -98,6 +114,56 @@ class Broker:
             # The caller may not call stop() after a failed start: leave no thread behind.
             self._stop_http()
             raise
+
+    def _load_tls(self) -> None:
+        config = self.config
+        try:
+            self._tls_context = broker_context(config)
+            if config.http is not None:
+                self._http_tls = http_context(config)
+        except TlsFileError as exc:
+            raise StartupError(str(exc)) from None
+        assert config.tls_cert is not None
+        _log.info(
+            "tls_certificate",
+            cert=str(config.tls_cert),
+            client_ca=None if config.tls_client_ca is None else str(config.tls_client_ca),
+            cert_username=config.tls_cert_username,
+            **certificate_summary(config.tls_cert),
+        )
+
+    @property
+    def http_scheme(self) -> str:
+        """The HTTP endpoint's scheme: https when the broker has a certificate."""
+        return "https" if self._http_tls is not None else "http"
+
+    def reload_tls(self) -> bool:
+        """Read the certificate and key again (SIGHUP): checked in a fresh context first;
+        if they are good the new handshakes use them (open connections keep theirs), else
+        the old ones stay in use. Logs `tls_reloaded` or `tls_reload_failed`; False if it
+        failed or there is no TLS."""
+        config = self.config
+        if config.tls_cert is None or config.tls_key is None:
+            return False
+        try:
+            fresh = broker_context(config)
+            if self._http is not None and self._http.tls:
+                http_context(config)  # what the HTTP endpoint loads below, checked the same
+                self._http.reload_tls(config.tls_cert, config.tls_key)
+        except (TlsFileError, OSError, ValueError, concurrent.futures.TimeoutError) as exc:
+            _log.warning(
+                "tls_reload_failed",
+                cert=str(config.tls_cert),
+                reason=str(exc),
+                kept="the certificate in use",
+            )
+            return False
+        self._tls_context = fresh
+        listeners = self._refs.get("listeners")
+        if listeners is not None:
+            tell(listeners, SetTlsContext(fresh))
+        _log.info("tls_reloaded", cert=str(config.tls_cert), **certificate_summary(config.tls_cert))
+        return True
 
     def _start_http(self, where: tuple[str, int]) -> None:
         config = self.config
@@ -111,13 +177,21 @@ class Broker:
             token_file=config.admin_token_file,
             limiter=FailureLimiter(limit=config.auth_fail_limit, window=config.auth_fail_window),
             penalty=config.auth_fail_penalty,
+            ssl_context=self._http_tls,
         )
         try:
             self.http_address = server.start()
         except OSError as exc:
             raise bind_error("serve HTTP on", where, "--http", exc) from None
         self._http = server
-        _log.info("http_listening", host=self.http_address[0], port=self.http_address[1])
+        _log.info(
+            "http_listening",
+            host=self.http_address[0],
+            port=self.http_address[1],
+            tls=self._http_tls is not None,
+        )
+        if self._http_tls is None:
+            _warn_if_exposed(where[0], "the HTTP endpoint", "admin tokens and session details")
         if config.admin_token_file is None:
             _log.warning(
                 "admin_api_disabled",
@@ -183,6 +257,8 @@ class Broker:
             session_queue_bytes=config.session_queue_bytes,
             memory_budget=config.memory_budget,
             store_budget=config.store_budget,
+            users=users,
+            default_deny=config.default_deny,
         )
         sessions = SessionManager.start(
             *on_loop,
@@ -201,6 +277,7 @@ class Broker:
             failure_penalty=config.auth_fail_penalty,
             observe_check=None if self.metrics is None else self.metrics.password_check.observe,
             auth_queue=config.auth_queue,
+            cert_username=config.tls_cert_username,
         )
         listeners = ListenerManager.start(
             *on_loop,
@@ -227,16 +304,36 @@ class Broker:
             tell(sessions, UsersChanged(users.valid_after()))
             self._watcher = watcher
             watcher.start()
-        future = cast(
-            "concurrent.futures.Future[tuple[str, int]]",
-            listeners.ask(StartListening(config.host, config.port)),
-        )
-        self.address = future.result(timeout=10)
+        # `port` serves TLS unless a `tls_port` serves it beside (docs/operations.md, "TLS").
+        on_port = self._tls_context if config.tls_port is None else None
+        self.address = self._listen(listeners, config.port, on_port)
+        if on_port is not None:
+            self.tls_address = self.address
+        else:
+            _warn_if_exposed(
+                config.host, "the plaintext listener", "passwords, tokens and payloads"
+            )
+        if config.tls_port is not None:
+            self.tls_address = self._listen(listeners, config.tls_port, self._tls_context)
         self.accepting = True
         return self.address
 
+    def _listen(
+        self, listeners: ActorRef[Any], port: int, tls: ssl.SSLContext | None
+    ) -> tuple[str, int]:
+        future = cast(
+            "concurrent.futures.Future[tuple[str, int]]",
+            listeners.ask(StartListening(self.config.host, port, tls)),
+        )
+        return future.result(timeout=10)
+
     def _users_loaded(self, users: UserStore) -> None:
-        # On the watcher's thread: hand the new users to the supervisor, on the loop.
+        # On the watcher's thread: hand the new users to the supervisor, on the loop. The
+        # SubscriberManager (topic permissions) first: it never knows fewer users than the
+        # supervisor that lets sessions in.
+        subscribers = self._refs.get("subscribers")
+        if subscribers is not None:
+            tell(subscribers, UsersReloaded(users))
         supervisor = self._refs.get("supervisor")
         if supervisor is not None:
             tell(supervisor, UsersReloaded(users))
@@ -347,11 +444,13 @@ def serve(config: BrokerConfig) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     broker = Broker(config)
 
-    def reload_users(_signum: int, _frame: object) -> None:
+    def reload(_signum: int, _frame: object) -> None:
         _log.info("reloading_users", signal="SIGHUP")
         broker.reload_users()
+        if config.tls:
+            broker.reload_tls()
 
-    signal.signal(signal.SIGHUP, reload_users)
+    signal.signal(signal.SIGHUP, reload)
     try:
         host, port = broker.start()
     except StartupError:
@@ -367,6 +466,7 @@ def serve(config: BrokerConfig) -> int:
         "broker_started",
         host=host,
         port=port,
+        tls_port=None if broker.tls_address is None else broker.tls_address[1],
         mode="in-memory" if config.data_dir is None else "durable",
         data_dir=None if config.data_dir is None else str(config.data_dir),
         sync=None if config.data_dir is None else config.sync,
@@ -374,7 +474,9 @@ def serve(config: BrokerConfig) -> int:
         session_expiry=config.session_expiry,
         queue_limit=config.queue_limit,
         max_frame=config.max_frame,
-        http=None if broker.http_address is None else "{}:{}".format(*broker.http_address),
+        http=None
+        if broker.http_address is None
+        else "{}://{}:{}".format(broker.http_scheme, *broker.http_address),
         admin_token_file=None if config.admin_token_file is None else str(config.admin_token_file),
     )
     while not stopping.wait(1.0):
@@ -394,3 +496,26 @@ def serve(config: BrokerConfig) -> int:
     else:
         _log.info("broker_stopped", **closed)
     return 0
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name, or "" (every address): it may well be reachable from outside
+
+
+def _warn_if_exposed(host: str, what: str, carried: str) -> None:
+    """A plaintext listener others can reach gets one warning at start, naming the risk."""
+    if _loopback(host):
+        return
+    _log.warning(
+        "plaintext_exposed",
+        listener=what,
+        host=host,
+        risk=f"{carried} cross the network in clear: anyone on the path can read them",
+        fix="serve TLS: --tls-cert PATH --tls-key PATH (and --require-tls to refuse "
+        "plaintext), or listen on 127.0.0.1",
+    )

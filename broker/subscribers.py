@@ -2,7 +2,7 @@
 each connection's frames, in order, to the fan-out, the held publishers and the delivery step,
 and, with a store, to the journal (journal.py). See docs/architecture.md sections 2, 7 and 15.
 It also publishes the broker's own events on `$sys/sessions/...` and answers the fleet view's
-questions (sysevents.py).
+questions (sysevents.py), and enforces each user's topic permissions (grants.py).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from tether.broker import passwords
 from tether.broker.budget import Budgets
 from tether.broker.delivery import Tally, take_within
 from tether.broker.fanout import Fanout, SessionSubs
+from tether.broker.grants import Grants, refused, revoke_disallowed, revoked_frames
 from tether.broker.held import HeldPublishers
 from tether.broker.journal import (
     COMMIT_BACKLOG,
@@ -29,6 +30,7 @@ from tether.broker.journal import (
     Reflush,
     Run,
 )
+from tether.broker.logthrottle import LogThrottle
 from tether.broker.loop_actor import LoopActor, tell
 from tether.broker.memory import default_memory_budget
 from tether.broker.messages import (
@@ -45,6 +47,7 @@ from tether.broker.messages import (
     SessionOps,
     SysEvent,
     Throttle,
+    UsersReloaded,
 )
 from tether.broker.queues import SubscriptionQueue
 from tether.broker.store import Ack as StoreAck
@@ -67,6 +70,7 @@ from tether.broker.sysevents import (
     not_authorized,
     subscription_views,
 )
+from tether.broker.users import UserStore
 from tether.protocol import (
     Ack,
     Error,
@@ -93,6 +97,11 @@ _log = structlog.get_logger("tether.subscribers")
 class _WaitOver:
     conn_id: int
     token: int
+
+
+def _log_quietly(kind: str, count: int, fields: dict[str, object]) -> None:
+    # One line per kind and interval (a client can repeat a refused request at will).
+    _log.info(kind.partition("|")[0], count=count, **fields)
 
 
 def _throttle(conn: ConnHandle, paused: bool) -> None:
@@ -138,8 +147,16 @@ class SubscriberManager(LoopActor):
         session_queue_bytes: int = 256 * 1024 * 1024,
         memory_budget: int | None = None,
         store_budget: int = 10 * 1024 * 1024 * 1024,
+        users: UserStore | None = None,
+        default_deny: bool = False,
     ) -> None:
+        """`users`, `default_deny`: the topic permissions (grants.py); `users` None: every
+        topic for every session (unless `default_deny`)."""
         super().__init__(loop, loop_thread)
+        self._grants = Grants(users, default_deny)
+        self._denied = {"publish": 0, "subscribe": 0}  # refused by the topic permissions
+        self._revoked = 0  # subscriptions ended by a permissions change
+        self._quiet = LogThrottle(loop, _log_quietly)
         self._max_frame = max_frame  # told to clients in `registered`
         self._high_water = outbound_high_water
         self._publish_wait = publish_wait
@@ -194,7 +211,17 @@ class SubscriberManager(LoopActor):
             max_subscriptions=max_subscriptions,
         )
 
+    def on_start(self) -> None:
+        # Sessions restored from the store: their subscriptions meet today's users file now,
+        # not when (or if) they resume; what goes is told at the resume.
+        for subs in list(self._fanout.sessions.values()):
+            subs.perms = self._grants.matcher(subs.username, subs.client_id)
+            if not self._grants.known(subs.username):
+                continue  # no longer in the file: the SessionManager ends its sessions
+            subs.revoked.extend(self._revoke(subs))
+
     def on_stop(self) -> None:
+        self._quiet.close()
         if self._journal is not None:
             self._journal.write_lazy()
 
@@ -249,6 +276,9 @@ class SubscriberManager(LoopActor):
                     ),
                     "subscriptions_refused": self._subscriptions_refused,
                     "stats_refused": self._stats_refused,
+                    "permission_denied_publish": self._denied["publish"],
+                    "permission_denied_subscribe": self._denied["subscribe"],
+                    "subscriptions_revoked": self._revoked,
                     "messages_dropped_session_bytes": budgets.dropped_session,
                     "messages_dropped_memory_budget": budgets.dropped_memory,
                     "messages_dropped_store_budget": budgets.dropped_store,
@@ -266,6 +296,8 @@ class SubscriberManager(LoopActor):
                 }
             case GetSubscriptions(session_ids):
                 return subscription_views(self._fanout, session_ids)
+            case UsersReloaded(users):
+                self._on_users_reloaded(users)
             case _:
                 return super().on_receive(message)
         return None
@@ -305,6 +337,9 @@ class SubscriberManager(LoopActor):
         self._connected += 1
         subs.username, subs.admin = msg.username, msg.admin
         self._events.revoke(subs)  # `$sys/...` only while its user is admin
+        subs.perms = self._grants.matcher(msg.username, msg.client_id)
+        revoked = [*subs.revoked, *self._revoke(subs)]
+        subs.revoked.clear()
         queued = sum(len(q) for q in subs.queues.values())
         dropped = sum(q.dropped_away for q in subs.queues.values())
         for q in subs.queues.values():
@@ -338,6 +373,8 @@ class SubscriberManager(LoopActor):
             msg.conn.ref,
             SessionAttached(msg.session_id, msg.client_id, msg.keepalive, encode(registered)),
         )
+        if revoked:
+            tell(msg.conn.ref, Outbound(revoked_frames(revoked)))
         # The queues drain before anything live: live messages queue behind them.
         self._flush((subs,))
 
@@ -375,6 +412,46 @@ class SubscriberManager(LoopActor):
             reason=reason,
             discarded=discarded,
         )
+
+    # --- topic permissions --------------------------------------------------------------
+
+    def _revoke(self, subs: SessionSubs) -> list[str]:
+        gone = revoke_disallowed(subs, self._fanout, self._journal)
+        if gone:
+            self._revoked += len(gone)
+            if self._held_conns:
+                # A publisher held for room in one of those queues may go on.
+                self._held.release(self._retry, freed=set(gone))
+        return gone
+
+    def _on_users_reloaded(self, users: UserStore) -> None:
+        """The users file changed: the sessions of users whose lists changed get their new
+        matcher, and lose (with one notice per topic) the subscriptions it does not allow."""
+        changed = self._grants.reload(users)
+        if not changed:
+            return
+        for subs in list(self._fanout.sessions.values()):
+            if subs.username not in changed:
+                continue
+            subs.perms = self._grants.matcher(subs.username, subs.client_id)
+            gone = self._revoke(subs)
+            if not gone:
+                continue
+            if subs.conn is not None:
+                tell(subs.conn.ref, Outbound(revoked_frames(gone)))
+            else:
+                subs.revoked.extend(gone)
+
+    def _deny(self, action: str, req: int | None, topic: str, subs: SessionSubs | None) -> bytes:
+        self._denied[action] += 1
+        self._quiet.hit(
+            f"permission_denied|{action}",
+            action=action,
+            topic=topic,
+            client_id=subs.client_id if subs is not None else None,
+            username=subs.username if subs is not None else None,
+        )
+        return encode(refused(req, f"{action} to", topic))
 
     # --- the data path ------------------------------------------------------------------
 
@@ -435,6 +512,11 @@ class SubscriberManager(LoopActor):
                         break
                     run.append(following)
                     end += 1
+                perms = subs.perms if subs is not None else self._grants.orphan()
+                if not perms.may_publish(op.topic):
+                    replies += [self._deny("publish", p.req, op.topic, subs) for p in run]
+                    index = end
+                    continue
                 taken = fanout.publish_many(op.topic, run, touched, force=force)
                 self._budgets.enforce(touched, overflowed)
                 if fanout.dropped != dropped:
@@ -471,8 +553,13 @@ class SubscriberManager(LoopActor):
                         if journal is not None:
                             writes.append(StoreAck(msg.session_id, topic, q.acked_upto))
                 case Subscribe(req=req, topic=topic):
-                    if not subs.admin and topic.startswith(SYS_PREFIX):
-                        replies.append(encode(not_authorized(req)))
+                    if topic.startswith(SYS_PREFIX):
+                        # The admin mark alone decides, whatever the lists say.
+                        if not subs.admin:
+                            replies.append(encode(not_authorized(req)))
+                            continue
+                    elif not subs.perms.may_subscribe(topic):
+                        replies.append(self._deny("subscribe", req, topic, subs))
                         continue
                     if topic not in subs.queues and len(subs.queues) >= self._max_subscriptions:
                         self._subscriptions_refused += 1

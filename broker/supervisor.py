@@ -9,6 +9,12 @@ a hash. An address past the failure limit still has its checks made (a correct p
 in); only its wrong answers are slowed (`failure_penalty`). A client id outside the user's
 allowed prefixes is refused before any check (`not_authorized`). Resumes never queue.
 
+Certificate logins (issue 13, `--tls-cert-username cn|san`): a fresh `register` on a connection
+with a verified client certificate logs in as the name the certificate gives, with no password
+check (a password sent is ignored): the `username` must be that name and a user in the users
+file, else `auth_failed`. A fresh `register` with neither a password nor such a certificate is
+`auth_failed` ("a password is required") without a check. Resumes are unchanged.
+
 It holds the users file as last loaded; a reload (`UsersReloaded`, from `userwatch.py`) replaces
 it, and the SessionManager is told which users' sessions stay valid (`UsersChanged`).
 See docs/architecture.md sections 3 ("bcrypt off the loop") and 11.
@@ -27,6 +33,7 @@ import structlog
 from pykka import ActorRef
 
 from tether.broker import passwords
+from tether.broker.addresses import source_of
 from tether.broker.auth_queue import AuthQueue, KnownDevices, RegisterAbandoned
 from tether.broker.logthrottle import LogThrottle
 from tether.broker.loop_actor import LoopActor, tell
@@ -41,6 +48,7 @@ from tether.broker.messages import (
     UsersReloaded,
 )
 from tether.broker.ratelimit import FailureLimiter
+from tether.broker.tls import PeerCertificate
 from tether.broker.users import UserStore
 from tether.protocol import ErrorCode, Register
 
@@ -79,8 +87,9 @@ def _log_quietly(kind: str, count: int, fields: dict[str, Any]) -> None:
 
 
 def _peer_address(peer: str) -> str:
-    # "host:port" -> "host": failures count per address, not per connection.
-    return peer.rsplit(":", 1)[0]
+    # "host:port" -> "host": failures and the login queue's turns count per source (an IPv4
+    # address or an IPv6 /64: addresses.py), not per connection.
+    return source_of(peer.rsplit(":", 1)[0])
 
 
 class BrokerSupervisor(LoopActor):
@@ -99,11 +108,14 @@ class BrokerSupervisor(LoopActor):
         observe_check: Callable[[float], None] | None = None,
         auth_queue: int = 1_000,
         clock: Callable[[], float] = time.monotonic,
+        cert_username: str | None = None,
     ) -> None:
         """`observe_check` is called (on the auth pool's thread) with the duration in
         seconds of each password check: the /metrics histogram's `observe`. `auth_queue`:
-        how many fresh registrations may wait for a check at once."""
+        how many fresh registrations may wait for a check at once. `cert_username` ("cn",
+        "san" or None): which name of a client certificate is the username."""
         super().__init__(loop, loop_thread)
+        self._cert_username = cert_username
         self._users = users
         self._unknown_user_cost = _usual_cost(users)
         self._sessions = session_manager
@@ -126,6 +138,7 @@ class BrokerSupervisor(LoopActor):
         self.refused_auth_failed = 0
         self.queue_refused = 0  # answered rate_limited because the queue was full
         self.client_id_refused = 0  # answered not_authorized: client id outside the prefixes
+        self.certificate_logins = 0  # logged in by their client certificate (no check)
 
     def on_stop(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -133,8 +146,18 @@ class BrokerSupervisor(LoopActor):
 
     def on_receive(self, message: object) -> object:
         match message:
-            case RegisterRequest(frame=frame, conn=conn):
+            case RegisterRequest(frame=frame, conn=conn, certificate=certificate):
+                if (
+                    frame.session_id is None
+                    and self._cert_username is not None
+                    and certificate is not None
+                ):
+                    self._certificate_login(frame, conn, certificate, self._cert_username)
+                    return None
                 if self._client_id_refused(frame, conn):
+                    return None
+                if frame.session_id is None and frame.password is None:
+                    self._refuse_auth(frame, conn, "no_password", "a password is required")
                     return None
                 if frame.session_id is not None:
                     admin = self._users.is_admin(frame.username)
@@ -179,6 +202,7 @@ class BrokerSupervisor(LoopActor):
                     "auth_queue_length": len(self._queue),
                     "auth_queue_refused": self.queue_refused,
                     "client_id_refused": self.client_id_refused,
+                    "certificate_logins": self.certificate_logins,
                 }
             case _:
                 return super().on_receive(message)
@@ -211,6 +235,59 @@ class BrokerSupervisor(LoopActor):
             ),
         )
         return True
+
+    def _certificate_login(
+        self, frame: Register, conn: ConnHandle, certificate: PeerCertificate, mode: str
+    ) -> None:
+        """Log in as the user the certificate names: no password check (a password, if sent,
+        is ignored); the client id prefixes and the admin mark apply as for any login."""
+        name = certificate.username(mode)
+        if name is None or name != frame.username or name not in self._users:
+            reason = (
+                "certificate_without_name"
+                if name is None
+                else "certificate_name_mismatch"
+                if name != frame.username
+                else "certificate_unknown_user"
+            )
+            _log.info(
+                "auth_failed",
+                peer=conn.peer,
+                client_id=frame.client_id,
+                username=frame.username,
+                certificate_name=name,
+                reason=reason,
+            )
+            self.auth_failed += 1
+            self.refused_auth_failed += 1
+            tell(
+                conn.ref,
+                RegisterRejected(
+                    frame.req,
+                    ErrorCode.AUTH_FAILED,
+                    "the username is not the client certificate's, or not a user",
+                ),
+            )
+            return
+        if self._client_id_refused(frame, conn):
+            return
+        self.auth_ok += 1
+        self.certificate_logins += 1
+        admin = self._users.is_admin(name)
+        tell(self._sessions, OpenSession(frame, conn, authenticated=True, admin=admin))
+
+    def _refuse_auth(self, frame: Register, conn: ConnHandle, reason: str, message: str) -> None:
+        """`auth_failed` without a check (a peer may repeat it at will: logged quietly)."""
+        self.auth_failed += 1
+        self.refused_auth_failed += 1
+        self._quiet.hit(
+            "auth_failed",
+            peer=conn.peer,
+            client_id=frame.client_id,
+            username=frame.username,
+            reason=reason,
+        )
+        tell(conn.ref, RegisterRejected(frame.req, ErrorCode.AUTH_FAILED, message))
 
     def _dispatch(self) -> None:
         """Hand the queue's next checks to the pool while a worker is free."""

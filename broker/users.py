@@ -4,7 +4,9 @@ Format (JSON)::
 
     {"version": 3, "users": {"NAME": {"hash": "bcrypt-sha256$...", "created": "ISO-8601 UTC",
                                       "sessions_valid_after": "ISO-8601 UTC", "admin": true,
-                                      "client_id_prefixes": ["sensor-"]}}}
+                                      "client_id_prefixes": ["sensor-"],
+                                      "publish": ["devices/{client_id}/telemetry"],
+                                      "subscribe": ["devices/{client_id}/cmd/#"]}}}
 
 `sessions_valid_after` (version 2, optional) is written by `tether user add NAME --replace
 --end-sessions`: the user's sessions created before that moment are void, and a broker ends
@@ -12,15 +14,18 @@ them. `admin` (version 3, optional, written by `tether user add NAME --admin`) l
 subscribe to the broker's `$sys/...` topics. `client_id_prefixes` (version 3, optional, written
 by `tether user add NAME --client-id-prefix P`, repeatable) limits the client ids the user may
 register to those starting with one of the prefixes (absent: any), so another user cannot
-squat a fleet's ids. A file is written at the lowest version that holds
+squat a fleet's ids. `publish` and `subscribe` (version 4, optional, written by `tether user
+add|set NAME --pub P --sub P`) are the topic patterns the user may publish and subscribe to
+(`permissions.py`; absent: every topic, unless the broker runs with `--default-deny`; an
+empty list: none). A file is written at the lowest version that holds
 it (1 while no user has the newer fields), so a file an older broker can read stays readable by
 it; a broker refuses a file whose version is newer than `FILE_VERSION` instead of ignoring
 fields it does not know (a rolled-back broker never drops an `admin` mark silently).
 
 A `UserStore` is immutable: the broker loads one at start and a new one at every reload
-(`userwatch.py`); `add_user` and `remove_user` are for the command line and rewrite the whole
-file atomically, so a broker reading it at the same moment sees the old file or the new one,
-never half of one.
+(`userwatch.py`); `add_user`, `set_user` and `remove_user` are for the command line and
+rewrite the whole file atomically, so a broker reading it at the same moment sees the old file
+or the new one, never half of one.
 """
 
 from __future__ import annotations
@@ -30,18 +35,22 @@ import os
 import stat
 import unicodedata
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 from tether.broker.passwords import DEFAULT_COST, hash_password, is_valid_hash
+from tether.broker.permissions import PatternError, validate_pattern
 from tether.files import write_atomic
 
 __all__ = [
     "FILE_VERSION",
+    "KEEP",
     "MAX_NAME_LENGTH",
+    "Keep",
+    "PatternError",
     "UserExistsError",
     "UserFileError",
     "UserNameError",
@@ -51,13 +60,14 @@ __all__ = [
     "add_user",
     "insecure_mode",
     "remove_user",
+    "set_user",
     "validate_client_id_prefix",
     "validate_name",
 ]
 
 # The newest users file format this code reads and writes (1: hash and created; 2: adds
-# sessions_valid_after; 3: adds admin and client_id_prefixes).
-FILE_VERSION = 3
+# sessions_valid_after; 3: adds admin and client_id_prefixes; 4: adds publish and subscribe).
+FILE_VERSION = 4
 MAX_NAME_LENGTH = 128
 MAX_PREFIX_LENGTH = 128  # a client id is at most 128 characters (protocol MAX_CLIENT_ID_CHARS)
 FILE_MODE = 0o600  # the file holds password hashes
@@ -72,7 +82,7 @@ class UserExistsError(Exception):
 
 
 class UserNotFoundError(Exception):
-    """`remove_user` was asked to remove a name that is not in the file."""
+    """`remove_user` or `set_user` was asked about a name that is not in the file."""
 
 
 class UserNameError(ValueError):
@@ -89,6 +99,9 @@ class UserRecord:
     admin: bool = False
     # The client ids this user may register start with one of these; None: any (version 3).
     client_id_prefixes: tuple[str, ...] | None = None
+    # Topic patterns the user may publish / subscribe to; None: no restriction (version 4).
+    publish: tuple[str, ...] | None = None
+    subscribe: tuple[str, ...] | None = None
 
     def client_id_allowed(self, client_id: str) -> bool:
         prefixes = self.client_id_prefixes
@@ -255,6 +268,8 @@ def _parse(raw: bytes, path: Path) -> dict[str, UserRecord]:
             if type(admin) is not bool:
                 raise bad(f'user {name!r}: "admin" must be true or false')
         prefixes = _parse_prefixes(entry, version, name, bad)
+        publish = _parse_patterns(entry, "publish", version, name, bad)
+        subscribe = _parse_patterns(entry, "subscribe", version, name, bad)
         if not is_valid_hash(hash_):
             # Caught here, not at every login: such a user could never log in.
             raise bad(
@@ -267,6 +282,8 @@ def _parse(raw: bytes, path: Path) -> dict[str, UserRecord]:
             sessions_valid_after=valid_after,
             admin=admin,
             client_id_prefixes=prefixes,
+            publish=publish,
+            subscribe=subscribe,
         )
     return records
 
@@ -287,6 +304,25 @@ def _parse_prefixes(
             validate_client_id_prefix(prefix)
         except ValueError as exc:
             raise bad(f"user {name!r}: {exc}") from exc
+    return tuple(raw)
+
+
+def _parse_patterns(
+    entry: dict[str, Any], key: str, version: int, name: str, bad: Callable[[str], UserFileError]
+) -> tuple[str, ...] | None:
+    if key not in entry:
+        return None
+    raw = entry[key]
+    if version < 4:
+        raise bad(f'user {name!r}: "{key}" needs "version": 4')
+    # An empty list is meaningful here (nothing allowed), unlike client_id_prefixes.
+    if not isinstance(raw, list):
+        raise bad(f'user {name!r}: "{key}" must be a list of topic patterns')
+    for pattern in raw:
+        try:
+            validate_pattern(pattern)
+        except PatternError as exc:
+            raise bad(f"user {name!r}: {key}: {exc}") from exc
     return tuple(raw)
 
 
@@ -318,8 +354,14 @@ def _write(path: Path, users: Mapping[str, UserRecord]) -> None:
             entry["admin"] = True
         if record.client_id_prefixes is not None:
             entry["client_id_prefixes"] = list(record.client_id_prefixes)
+        if record.publish is not None:
+            entry["publish"] = list(record.publish)
+        if record.subscribe is not None:
+            entry["subscribe"] = list(record.subscribe)
         entries[name] = entry
-    if any(r.admin or r.client_id_prefixes is not None for r in users.values()):
+    if any(r.publish is not None or r.subscribe is not None for r in users.values()):
+        version = 4
+    elif any(r.admin or r.client_id_prefixes is not None for r in users.values()):
         version = 3
     elif any(r.sessions_valid_after is not None for r in users.values()):
         version = 2
@@ -338,6 +380,31 @@ def _check_directory(path: Path) -> None:
         )
 
 
+class Keep:
+    """`set_user`'s default for a list: leave it as it is."""
+
+    def __repr__(self) -> str:
+        return "KEEP"
+
+
+KEEP = Keep()
+
+
+def _validate_patterns(patterns: Sequence[str] | Keep | None) -> None:
+    if isinstance(patterns, str):
+        raise TypeError("expected a sequence of topic patterns, not one string")
+    if patterns is None or isinstance(patterns, Keep):
+        return
+    for pattern in patterns:
+        validate_pattern(pattern)
+
+
+def _kept(
+    given: Sequence[str] | Keep | None, before: tuple[str, ...] | None
+) -> tuple[str, ...] | None:
+    return before if isinstance(given, Keep) else _tuple(given)
+
+
 def add_user(
     path: str | os.PathLike[str],
     name: str,
@@ -348,12 +415,17 @@ def add_user(
     end_sessions: bool = False,
     admin: bool | None = None,
     client_id_prefixes: Sequence[str] | None = None,
+    publish: Sequence[str] | Keep | None = KEEP,
+    subscribe: Sequence[str] | Keep | None = KEEP,
 ) -> None:
     """Add `name` to the users file (creating the file, never its directory), or change their
     password with replace=True; end_sessions=True also voids the sessions they have now.
     `admin`: mark the user admin (True) or not (False); None keeps what a replaced user had.
     `client_id_prefixes`: the prefixes the user's client ids must start with; an empty
-    sequence allows any client id; None keeps what a replaced user had (a new user: any)."""
+    sequence allows any client id; None keeps what a replaced user had (a new user: any).
+    `publish`, `subscribe`: the user's topic patterns (an empty sequence: none allowed); None:
+    no restriction; KEEP (the default) keeps what a replaced user had (a new user: none
+    restricted)."""
     path = Path(path)
     validate_name(name)
     if not password:
@@ -361,6 +433,8 @@ def add_user(
     if client_id_prefixes is not None:
         for prefix in client_id_prefixes:
             validate_client_id_prefix(prefix)
+    _validate_patterns(publish)
+    _validate_patterns(subscribe)
     _check_directory(path)
     # Load first: a malformed file is an error, never silently overwritten.
     store = UserStore.load(path)
@@ -390,8 +464,44 @@ def add_user(
         sessions_valid_after=valid_after,
         admin=admin,
         client_id_prefixes=prefixes,
+        publish=_kept(publish, existing.publish if existing is not None else None),
+        subscribe=_kept(subscribe, existing.subscribe if existing is not None else None),
     )
     _write(path, users)
+
+
+def set_user(
+    path: str | os.PathLike[str],
+    name: str,
+    *,
+    publish: Sequence[str] | Keep | None = KEEP,
+    subscribe: Sequence[str] | Keep | None = KEEP,
+) -> UserRecord:
+    """Change `name`'s topic permissions, leaving the password (and all else) as it is; returns
+    the new record. Each list: KEEP (the default) leaves it; None lifts it (every topic,
+    unless the broker runs with --default-deny); a sequence replaces it (empty: nothing).
+    Raises `PatternError` for an invalid pattern, `UserNotFoundError` for no such user."""
+    path = Path(path)
+    _validate_patterns(publish)
+    _validate_patterns(subscribe)
+    store = UserStore.load(path)
+    existing = store.get(name)
+    if existing is None:
+        raise UserNotFoundError(f"no user {name!r} in {path}")
+    record = replace(
+        existing,
+        publish=_kept(publish, existing.publish),
+        subscribe=_kept(subscribe, existing.subscribe),
+    )
+    users = dict(store.records())
+    users[name] = record
+    _write(path, users)
+    return record
+
+
+def _tuple(patterns: Sequence[str] | None) -> tuple[str, ...] | None:
+    # Order kept, repeats dropped.
+    return None if patterns is None else tuple(dict.fromkeys(patterns))
 
 
 def remove_user(path: str | os.PathLike[str], name: str) -> None:

@@ -26,8 +26,10 @@ from .errors import (
     TakenOver,
     TetherError,
     Timeout,
+    TlsError,
+    TlsReason,
 )
-from .events import Disconnected, Dropped, Message, Reconnected
+from .events import Disconnected, Dropped, Message, Reconnected, SubscriptionRevoked
 from .machine import ClientMachine, MachineConfig, Phase
 from .options import ClientOptions, Health
 from .state import SavedState, load_state, save_state
@@ -59,9 +61,12 @@ __all__ = [
     "StateFileError",
     "StateFileLocked",
     "Subscription",
+    "SubscriptionRevoked",
     "TakenOver",
     "TetherError",
     "Timeout",
+    "TlsError",
+    "TlsReason",
     "load_state",
     "save_state",
 ]

@@ -4,6 +4,7 @@ docs/operations.md): the sessions, one session, disconnect, end, and the counter
 Standard library only (urllib.request), blocking, one request at a time: it serves the
 `tether sessions` and `tether stats` commands, not an application's hot path. Every failure is
 an `AdminError` whose message says what to do, so a command can print it as its one error line.
+An `https://` URL is verified against the CA given (`ca`), else the system's store.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -18,12 +20,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .errors import TlsError
+from .tls import TlsPeer, client_context
+
 __all__ = [
     "DEFAULT_HTTP",
     "TOKEN_ENV",
     "AdminClient",
     "AdminError",
     "NoSuchSession",
+    "TlsFailed",
     "Unauthorized",
     "Unreachable",
     "read_token",
@@ -47,8 +53,12 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
-# No proxies from the environment either: the token goes to the broker and nowhere else.
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect())
+def _opener(context: ssl.SSLContext | None) -> urllib.request.OpenerDirector:
+    # No proxies from the environment either: the token goes to the broker and nowhere else.
+    handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({}), _NoRedirect()]
+    if context is not None:
+        handlers.append(urllib.request.HTTPSHandler(context=context))
+    return urllib.request.build_opener(*handlers)
 
 
 class AdminError(Exception):
@@ -65,6 +75,11 @@ class Unauthorized(AdminError):
 
 class NoSuchSession(AdminError):
     """404 on a session: no session has that client id."""
+
+
+class TlsFailed(AdminError):
+    """HTTPS failed in a way a retry would repeat: a certificate that does not verify, a CA
+    file that cannot be used, a server that does not speak TLS."""
 
 
 def read_token(token_file: Path | None) -> str:
@@ -88,13 +103,35 @@ def read_token(token_file: Path | None) -> str:
 class AdminClient:
     """Requests to one broker's HTTP endpoint, with its admin token."""
 
-    def __init__(self, base_url: str, token: str, *, timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        token: str,
+        *,
+        timeout: float = 10.0,
+        ca: str | os.PathLike[str] | None = None,
+    ) -> None:
         parsed = urllib.parse.urlsplit(base_url)
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise AdminError(f"not an http:// URL: {base_url!r} (e.g. {DEFAULT_HTTP})")
+        if ca is not None and parsed.scheme != "https":
+            raise AdminError(
+                f"a CA is for HTTPS, but {base_url} is plain HTTP: give the https:// URL "
+                "(a broker with --tls-cert serves HTTPS on --http)"
+            )
         self.base_url = base_url.rstrip("/")
         self._token = token
         self.timeout = timeout
+        self._https = parsed.scheme == "https"
+        context = None
+        if self._https:
+            try:
+                context = client_context(ca=ca)
+            except TlsError as exc:
+                raise TlsFailed(str(exc)) from None
+        self._opener = _opener(context)
+        host = parsed.hostname or ""
+        self._peer = TlsPeer(f"the HTTPS endpoint {self.base_url}", host, has_cert=False)
 
     # --- the API -----------------------------------------------------------------------------
 
@@ -205,7 +242,7 @@ class AdminClient:
             headers={"Authorization": f"Bearer {self._token}", "Accept": "application/json"},
         )
         try:
-            with _OPENER.open(request, timeout=self.timeout) as response:
+            with self._opener.open(request, timeout=self.timeout) as response:
                 body: bytes = response.read()
                 return body
         except urllib.error.HTTPError as exc:
@@ -217,13 +254,21 @@ class AdminClient:
             # or answers bytes that are not HTTP).
             raise self._unreachable(exc) from None
 
-    def _unreachable(self, reason: object) -> Unreachable:
+    def _unreachable(self, reason: object) -> AdminError:
+        if self._https and isinstance(reason, BaseException):
+            tls = self._peer.failure(reason)
+            if tls is not None:
+                return TlsFailed(str(tls))
         if isinstance(reason, ConnectionRefusedError):
             why = "connection refused"
         elif isinstance(reason, TimeoutError):
             why = f"no answer within {self.timeout:g} s"
         else:
             why = str(getattr(reason, "strerror", None) or reason)
+        if not self._https and isinstance(
+            reason, http.client.RemoteDisconnected | ConnectionResetError
+        ):
+            why += "; a broker started with --tls-cert serves HTTPS: use an https:// URL"
         return Unreachable(
             f"cannot reach {self.base_url} ({why}): is the broker running, and does it serve "
             "HTTP there (`tether serve --http HOST:PORT`)? Give its address with --http URL"

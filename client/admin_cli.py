@@ -8,8 +8,9 @@ commands.
     tether sessions end CLIENT_ID
     tether stats
 
-Each takes `--http URL` (default http://127.0.0.1:7879) and the token from $TETHER_ADMIN_TOKEN
-or `--token-file PATH`, never from an argument. What a device sent (ids, metadata, health) is
+Each takes `--http URL` (default http://127.0.0.1:7879; an https:// URL is verified against
+`--tls-ca PATH`, else the system's CAs) and the token from $TETHER_ADMIN_TOKEN or
+`--token-file PATH`, never from an argument. What a device sent (ids, metadata, health) is
 printed with its control characters escaped, so a client id cannot rewrite the terminal.
 """
 
@@ -115,11 +116,19 @@ def _admin_arguments(parser: argparse.ArgumentParser, *, inherited: bool = False
         help=f"a file holding the admin token in clear (else ${TOKEN_ENV})",
         **default,
     )
+    parser.add_argument(
+        "--tls-ca",
+        type=Path,
+        metavar="PATH",
+        help="for an https:// URL: the CA that signed the broker's certificate (else the "
+        "system's CAs)",
+        **default,
+    )
 
 
 def _client(args: argparse.Namespace) -> AdminClient:
     try:
-        return AdminClient(args.http, read_token(args.token_file))
+        return AdminClient(args.http, read_token(args.token_file), ca=args.tls_ca)
     except AdminError as exc:
         raise CliError(str(exc)) from None
 

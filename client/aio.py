@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, ParamSpec
 
 from . import events as ev
-from .errors import ClientClosed, ConnectionFailed, Rejected, TetherError, Timeout
+from .errors import ClientClosed, ConnectionFailed, Rejected, TetherError, Timeout, TlsError
 from .frontend import (
     END,
     STOP,
@@ -91,6 +91,12 @@ class AsyncClient(FrontEnd):
 
     def __init__(self, options: ClientOptions | None = None, /, **overrides: Any) -> None:
         super().__init__(options, **overrides)
+        try:
+            self._ssl = self.options.ssl_context()  # bad files fail here, before any dialling
+            self._tls_peer = self.options.tls_peer()
+        except BaseException:
+            self._release_state_file()
+            raise
         self._waiters: dict[int, asyncio.Future[dict[str, Any] | None]] = {}
         self._router: Router[AsyncSubscription] = Router()
         self._inbox: asyncio.Queue[Item[AsyncSubscription] | Stop] = asyncio.Queue()
@@ -320,14 +326,16 @@ class AsyncClient(FrontEnd):
         o = self.options
         while not self._ended.is_set() and not self._stop.is_set():
             try:
-                reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection(o.host, o.port, limit=_READ_SIZE),
-                    min(10.0, o.connect_timeout),
-                )
+                reader, writer = await asyncio.wait_for(self._dial(), min(10.0, o.connect_timeout))
             except (OSError, TimeoutError) as exc:
                 self._last_error = exc
-                self._log.info("connect_failed", host=o.host, port=o.port, error=str(exc))
-                if (refused := self._refused_at_once(exc)) is not None:
+                if not str(exc) and self._ssl is not None:  # (asyncio's EOF says nothing)
+                    what = f"{type(exc).__name__}: the connection ended during the TLS handshake"
+                    self._last_error = ConnectionFailed(what)
+                error = str(self._last_error)
+                self._log.info("connect_failed", host=o.host, port=o.port, error=error)
+                refused = self._tls_failure(exc) or self._refused_at_once(exc)
+                if refused is not None:
                     self._on_events(self._machine.close(refused))
                     break
             else:
@@ -348,12 +356,27 @@ class AsyncClient(FrontEnd):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), delay)
 
+    async def _dial(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        o = self.options
+        if self._ssl is None:
+            return await asyncio.open_connection(o.host, o.port, limit=_READ_SIZE)
+        return await asyncio.open_connection(
+            o.host, o.port, limit=_READ_SIZE, ssl=self._ssl, server_hostname=o.tls_hostname
+        )
+
+    def _tls_failure(self, exc: BaseException) -> TlsError | None:
+        if self._ssl is None:
+            return None
+        return self._tls_peer.failure(exc, had_session=self._registered.is_set())
+
     async def _read_connection(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> bool:
         registered = False
+        received = False
         error: BaseException | None = None
         transition = False
+        tls: TlsError | None = None
         try:
             while True:
                 try:
@@ -364,6 +387,7 @@ class AsyncClient(FrontEnd):
                 if not data:
                     error = ConnectionFailed("the broker closed the connection")
                     break
+                received = True
                 self._on_events(self._machine.receive_data(data))
                 # Duplicates make no event for the dispatcher but still need their ack.
                 self._machine.flush_acks()
@@ -374,9 +398,15 @@ class AsyncClient(FrontEnd):
         finally:
             if self._writer is writer:
                 self._writer = None
+            if not received and self._ssl is not None and not self._stop.is_set():
+                tls = self._tls_peer.ended_unanswered(error, had_session=self._registered.is_set())
+                if tls is not None:
+                    self._ending = tls
             events = self._machine.connection_lost(self._connection_ended(error))
             transition = any(isinstance(e, ev.Disconnected) for e in events)
             self._on_events(events)
+            if tls is not None:
+                self._on_events(self._machine.close(tls))
             writer.transport.abort()
         if not transition and not self._stop.is_set() and not self._machine.closed:
             # (A connection that held the session is told as `disconnected`.)
@@ -456,6 +486,13 @@ class AsyncClient(FrontEnd):
                 old._queue.put_nowait(END)
         elif isinstance(item, ev.Registered):
             await self._save_state()
+        elif isinstance(item, ev.SubscriptionRevoked):
+            # The broker ended it (permissions changed): its iterator ends, then the notice.
+            old = self._router.remove(item.topic)
+            if old is not None:
+                old._queue.put_nowait(END)
+            if (notice := self._notice(item)) is not None:
+                await self._callback(notice)
         elif (notice := self._notice(item)) is not None:
             await self._callback(notice)
         elif isinstance(item, ev.Closed):

@@ -29,7 +29,7 @@ from tether.cli_common import PROG, CliError, port, positive
 from tether.protocol import Publish
 
 from .admin_cli import add_stats_command
-from .errors import PayloadTooLarge, TetherError
+from .errors import NotAuthorized, PayloadTooLarge, TetherError
 from .events import Disconnected, Message, Reconnected
 from .sync import Client
 
@@ -101,12 +101,39 @@ def _client_arguments(parser: argparse.ArgumentParser, client_id_help: str) -> N
         "--password-file",
         type=Path,
         metavar="PATH",
-        help="read the password from this file (else $TETHER_PASSWORD, else a prompt)",
+        help="read the password from this file (else $TETHER_PASSWORD, else a prompt; with "
+        "--tls-cert and neither, no password is sent: the broker logs in by the certificate)",
+    )
+    tls = parser.add_argument_group("TLS")
+    tls.add_argument(
+        "--tls",
+        action="store_true",
+        help="connect with TLS, verifying the broker against the system's CAs (implied by "
+        "the options below)",
+    )
+    tls.add_argument(
+        "--tls-ca", type=Path, metavar="PATH", help="the CA that signed the broker's certificate"
+    )
+    tls.add_argument(
+        "--tls-cert", type=Path, metavar="PATH", help="a client certificate (for mutual TLS)"
+    )
+    tls.add_argument(
+        "--tls-key",
+        type=Path,
+        metavar="PATH",
+        help="its key, unencrypted (default: in the --tls-cert file)",
     )
 
 
-def client_password(password_file: Path | None) -> str:
-    """A password from a file, $TETHER_PASSWORD or a prompt: never from a plain argument."""
+def _check_tls(args: argparse.Namespace) -> None:
+    if args.tls_key is not None and args.tls_cert is None:
+        raise CliError("--tls-key needs --tls-cert (the certificate it belongs to)")
+
+
+def client_password(password_file: Path | None, *, certificate: bool = False) -> str | None:
+    """A password from a file, $TETHER_PASSWORD or a prompt: never from a plain argument.
+    With a client `certificate` and neither a file nor the variable: None (no prompt; the
+    broker logs the client in by its certificate)."""
     if password_file is not None:
         try:
             text = password_file.read_text(encoding="utf-8")
@@ -116,6 +143,8 @@ def client_password(password_file: Path | None) -> str:
     env = os.environ.get("TETHER_PASSWORD")
     if env is not None:
         return env
+    if certificate:
+        return None
     if not sys.stdin.isatty():
         raise CliError("no password: set TETHER_PASSWORD or pass --password-file")
     return getpass.getpass("password: ")
@@ -269,7 +298,8 @@ def _cmd_pub(args: argparse.Namespace) -> int:
         Publish(topic=args.topic, payload=b"")  # a bad topic fails before connecting
     except ValueError as exc:
         raise CliError(str(exc)) from None
-    password = client_password(args.password_file)
+    _check_tls(args)
+    password = client_password(args.password_file, certificate=args.tls_cert is not None)
     try:
         client = Client(
             client_id=_client_id(args),
@@ -278,6 +308,10 @@ def _cmd_pub(args: argparse.Namespace) -> int:
             host=args.host,
             port=args.port,
             connect_timeout=CONNECT_TIMEOUT,
+            tls=args.tls or None,  # --tls-ca and --tls-cert imply it
+            ca=args.tls_ca,
+            cert=args.tls_cert,
+            key=args.tls_key,
         )
         client.connect()
         try:
@@ -315,7 +349,8 @@ def _format_message(message: Message, *, verbose: bool, as_json: bool) -> str:
 
 def _cmd_sub(args: argparse.Namespace) -> int:
     _client_log_to_stderr(_TOLD_BY_SUB)
-    password = client_password(args.password_file)
+    _check_tls(args)
+    password = client_password(args.password_file, certificate=args.tls_cert is not None)
     client_id = _client_id(args, args.state)
     # With --state the session outlives the process, to be resumed; else it ends with it.
     keep = args.state is not None
@@ -338,6 +373,17 @@ def _cmd_sub(args: argparse.Namespace) -> int:
                     # From the handler: this message counts as handled, none after it does
                     # (the next run gets them).
                     client.close()
+                done.set()
+
+    revoked: list[str] = []
+
+    def refused(error: TetherError) -> None:
+        # The broker ended a subscription (the user's permissions changed): say so; once
+        # none is left there is nothing to wait for.
+        if isinstance(error, NotAuthorized):
+            _notice(f"the broker ended a subscription: {error}")
+            revoked.append(str(error))
+            if len(revoked) >= len(args.topics):
                 done.set()
 
     def lost(event: Disconnected) -> None:
@@ -367,8 +413,13 @@ def _cmd_sub(args: argparse.Namespace) -> int:
                 connect_timeout=CONNECT_TIMEOUT,
                 backoff_cap=SUB_BACKOFF_CAP,
                 on_taken_over=lambda _error: done.set(),
+                on_error=refused,
                 on_disconnected=lost,
                 on_reconnected=back,
+                tls=args.tls or None,  # --tls-ca and --tls-cert imply it
+                ca=args.tls_ca,
+                cert=args.tls_cert,
+                key=args.tls_key,
             )
             client.connect()
             try:
@@ -383,6 +434,8 @@ def _cmd_sub(args: argparse.Namespace) -> int:
                     _end_session(client)
             if client.error is not None:
                 raise client.error
+            if revoked and len(revoked) >= len(args.topics):
+                raise CliError("not authorized for any of the topics any more")
         except TetherError as exc:
             raise CliError(str(exc)) from None
         except ValueError as exc:

@@ -3,6 +3,8 @@ Every message ends with what to do: they reach people through logs, far from the
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 from tether.protocol import ErrorCode
 
 __all__ = [
@@ -19,6 +21,8 @@ __all__ = [
     "TakenOver",
     "TetherError",
     "Timeout",
+    "TlsError",
+    "TlsReason",
     "rejection",
 ]
 
@@ -39,6 +43,36 @@ class ClientClosed(ConnectionFailed):
             message
             or "the client is closed: create a new Client (or call connect() again) to go on"
         )
+
+
+class TlsReason(StrEnum):
+    """Why TLS with the broker failed: what a program may branch on (`TlsError.reason`)."""
+
+    EXPIRED = "expired"  # the broker's certificate is out of its validity period
+    UNKNOWN_CA = "unknown_ca"  # not signed by the CA given in `ca` (or the system store)
+    HOSTNAME_MISMATCH = "hostname_mismatch"  # it does not name the host dialled
+    VERIFY_FAILED = "verify_failed"  # any other verification failure
+    CERTIFICATE_REQUIRED = "certificate_required"  # the broker demands a client certificate
+    CERTIFICATE_REFUSED = "certificate_refused"  # the broker refused the client certificate
+    HANDSHAKE_FAILED = "handshake_failed"  # no common protocol or cipher, or an alert
+    NOT_TLS = "not_tls"  # the peer does not speak TLS on that port
+    LOCAL_FILES = "local_files"  # the CA, certificate or key files cannot be used
+
+
+class TlsError(ConnectionFailed):
+    """TLS with the broker failed in a way another attempt would repeat (a certificate that
+    does not verify, a client certificate refused or missing, a peer that does not speak
+    TLS), or the local CA, certificate or key files cannot be used. Never retried: the client
+    stops, as for a rejected login. `reason` is a `TlsReason`, `detail` what the `ssl`
+    module said."""
+
+    reason: TlsReason
+    detail: str
+
+    def __init__(self, reason: TlsReason, detail: str, message: str) -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(message)
 
 
 class Timeout(TetherError, TimeoutError):

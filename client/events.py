@@ -24,6 +24,7 @@ __all__ = [
     "RequestFailed",
     "RetryLater",
     "SessionLost",
+    "SubscriptionRevoked",
     "TakenOver",
 ]
 
@@ -107,6 +108,16 @@ class BrokerError:
 
 
 @dataclass(frozen=True, slots=True)
+class SubscriptionRevoked:
+    """The broker ended the subscription to `topic`: its user may no longer subscribe to it
+    (the broker's users file changed). Its queue is gone; the client forgets the topic, so a
+    new session does not subscribe to it again. `message` is the broker's text."""
+
+    topic: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
 class Refused:
     """A fire-and-forget publish that cannot be sent (e.g. larger than the broker's frame
     limit, learned after it was queued): it is dropped, and `error` says why."""
@@ -159,6 +170,7 @@ Event = (
     | RequestFailed
     | RetryLater
     | BrokerError
+    | SubscriptionRevoked
     | Refused
     | Disconnect
     | Disconnected

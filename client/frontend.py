@@ -16,6 +16,7 @@ from . import events as ev
 from .errors import (
     ClientClosed,
     ConnectionFailed,
+    NotAuthorized,
     PayloadTooLarge,
     Rejected,
     TetherError,
@@ -283,7 +284,8 @@ class FrontEnd:
                     log = self._log.error if self._registered.is_set() else self._log.info
                     log("stopped", error=str(event.error))
                     self._to_dispatcher(event)
-            else:  # Dropped, SessionLost, TakenOver, Refused, Disconnected, Reconnected
+            else:  # Dropped, SessionLost, TakenOver, Refused, SubscriptionRevoked, Disconnected,
+                # Reconnected
                 self._to_dispatcher(event)
 
     def _notice(self, item: object) -> Notice | None:
@@ -304,6 +306,9 @@ class FrontEnd:
         if isinstance(item, ev.Refused):
             self._log.warning("publish_refused", error=str(item.error))
             return _bind(o.on_error, item.error)
+        if isinstance(item, ev.SubscriptionRevoked):
+            self._log.warning("subscription_revoked", topic=item.topic, message=item.message)
+            return _bind(o.on_error, NotAuthorized(item.message))
         if isinstance(item, ev.Disconnected):
             self._log.warning("disconnected", reason=item.reason)
             return _bind(o.on_disconnected, item)

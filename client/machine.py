@@ -16,7 +16,9 @@ Theory of operation:
   again first (subscribe/unsubscribe are idempotent; a confirmed publish becomes at-least-once;
   pings are dropped: they only probe that one connection).
 - Subscriptions the application wants are remembered; a fresh session (`resumed: false`) gets
-  them again, and the per-topic dedup state is reset because its seqs restart at 1.
+  them again, and the per-topic dedup state is reset because its seqs restart at 1. One the
+  broker refuses (`not_authorized`) or ends (an `error` with `topic` and no `req`: its user's
+  permissions changed, `SubscriptionRevoked`) is forgotten.
 - Frame limit. The broker announces its frame limit in `registered` (`max_frame`; else the
   configured one is assumed). A publish whose frame would exceed it is refused at the call,
   before anything is queued; requests queued under an older, larger limit fail when the new
@@ -547,7 +549,7 @@ class ClientMachine:
                 req=req,
                 client_id=c.client_id,
                 username=c.username,
-                password=c.password if c.password is not None else "",
+                password=c.password,  # None: no key at all (a login by client certificate)
                 keepalive=c.keepalive,
                 metadata=c.metadata,
                 takeover=takeover,
@@ -715,6 +717,11 @@ class ClientMachine:
                 events.append(ev.BrokerError(code, f.message))
             else:
                 events.append(ev.RequestFailed(req, rejection(code, f.message)))
+            return
+        if code == ErrorCode.NOT_AUTHORIZED and req is None and f.topic is not None:
+            # The broker ended this subscription (its user may no longer subscribe to it).
+            self._topics.pop(f.topic, None)
+            events.append(ev.SubscriptionRevoked(f.topic, f.message))
             return
         if code in (ErrorCode.TAKEN_OVER, ErrorCode.SESSION_ENDED):
             # Both mean the session is not ours any more: stop, never reconnect.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,6 +14,7 @@ from .backoff import Backoff
 from .errors import SessionLost, TakenOver, TetherError
 from .events import Disconnected, Dropped, Reconnected
 from .machine import MachineConfig
+from .tls import TlsPeer, client_context
 
 __all__ = ["ClientOptions", "Health", "HealthSource"]
 
@@ -40,9 +42,20 @@ HealthSource = Callable[[], "Health | str"]
 class ClientOptions:
     client_id: str
     username: str
-    password: str | None = None  # needed for a fresh session; a resume does without
+    # Needed for a fresh session, unless the broker logs the client in by its certificate;
+    # a resume does without.
+    password: str | None = None
     host: str = "127.0.0.1"
     port: int = 7878
+    # TLS: True for the `ssl` module's default client context (TLS 1.2 at least), built from
+    # `ca` (the trust anchor; else the system's store), `cert` and `key` (a client
+    # certificate); or a context of the application's, used as is. `ca`, `cert` or `key`
+    # alone imply True.
+    tls: bool | ssl.SSLContext | None = None
+    ca: str | os.PathLike[str] | None = None
+    cert: str | os.PathLike[str] | None = None
+    key: str | os.PathLike[str] | None = None  # None: the key is in the `cert` file
+    server_hostname: str | None = None  # the name the broker's certificate must carry: host
     keepalive: int = 30  # seconds between pings; the broker drops us after 1.5x silence
     metadata: Mapping[str, Any] = field(default_factory=dict)  # name, kind, version, tags, ...
     # Replace an existing session of this client_id at the first registration. Never used
@@ -74,6 +87,40 @@ class ClientOptions:
         if self.max_buffer < 1:
             raise ValueError("max_buffer must be >= 1 byte")
         self.backoff  # noqa: B018 - validates base and cap now, not at the first reconnect
+        files = self.ca is not None or self.cert is not None or self.key is not None
+        if self.tls is False and files:
+            raise ValueError("ca, cert and key are for TLS: not with tls=False")
+        if isinstance(self.tls, ssl.SSLContext) and files:
+            raise ValueError(
+                "an SSLContext given as tls is used as is: load ca, cert and key into it "
+                "instead of passing them"
+            )
+        if self.key is not None and self.cert is None:
+            raise ValueError("a key without its certificate: give cert too")
+        if self.server_hostname is not None and not self.uses_tls:
+            raise ValueError("server_hostname is for TLS: give tls=True (or ca, cert, key)")
+
+    @property
+    def uses_tls(self) -> bool:
+        return bool(self.tls) or self.ca is not None or self.cert is not None
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The context to dial with (None: plaintext). Raises `TlsError` for CA, certificate
+        or key files that cannot be used."""
+        if isinstance(self.tls, ssl.SSLContext):
+            return self.tls
+        if not self.uses_tls:
+            return None
+        return client_context(ca=self.ca, cert=self.cert, key=self.key)
+
+    @property
+    def tls_hostname(self) -> str:
+        return self.server_hostname if self.server_hostname is not None else self.host
+
+    def tls_peer(self) -> TlsPeer:
+        return TlsPeer(
+            f"the broker at {self.host}:{self.port}", self.tls_hostname, self.cert is not None
+        )
 
     @property
     def backoff(self) -> Backoff:

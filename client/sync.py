@@ -10,10 +10,10 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 from . import events as ev
-from .errors import ClientClosed, ConnectionFailed, Rejected, Timeout
+from .errors import ClientClosed, ConnectionFailed, Rejected, Timeout, TlsError
 from .frontend import (
     END,
     STOP,
@@ -31,12 +31,25 @@ from .machine import Phase
 from .options import ClientOptions, read_health
 from .router import Router
 from .state import save_state
+from .tls import TlsStream
 
 __all__ = ["Client", "Subscription"]
 
 Handler = Callable[[ev.Message], object]
 
 _READ_SIZE = 256 * 1024
+
+
+class _Stream(Protocol):
+    """A connection as the reader and the writer use it: a socket, or a `TlsStream`."""
+
+    def recv(self, size: int, /) -> bytes: ...
+
+    def sendall(self, data: bytes, /) -> None: ...
+
+    def shutdown(self, how: int, /) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class Subscription(SubscriptionBase):
@@ -98,13 +111,19 @@ class Client(FrontEnd):
 
     def __init__(self, options: ClientOptions | None = None, /, **overrides: Any) -> None:
         super().__init__(options, **overrides)
+        try:
+            self._ssl = self.options.ssl_context()  # bad files fail here, before any dialling
+            self._tls_peer = self.options.tls_peer()
+        except BaseException:
+            self._release_state_file()
+            raise
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._state_lock = threading.Lock()
         self._waiters: dict[int, _Waiter] = {}
         self._router: Router[Subscription] = Router()
         self._inbox: queue.SimpleQueue[Item[Subscription] | Stop] = queue.SimpleQueue()
-        self._sock: socket.socket | None = None
+        self._sock: _Stream | None = None
         self._registered = threading.Event()
         self._ended = threading.Event()  # the machine is closed: no more connections
         self._next_ping = 0.0
@@ -330,14 +349,12 @@ class Client(FrontEnd):
         o = self.options
         while not self._ended.is_set() and not self._stopping:
             try:
-                timeout = min(10.0, o.connect_timeout)
-                sock = socket.create_connection((o.host, o.port), timeout=timeout)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                sock.settimeout(None)
+                sock = self._dial()
             except OSError as exc:
                 self._last_error = exc
                 self._log.info("connect_failed", host=o.host, port=o.port, error=str(exc))
-                if (refused := self._refused_at_once(exc)) is not None:
+                refused = self._tls_failure(exc) or self._refused_at_once(exc)
+                if refused is not None:
                     with self._cond:
                         self._on_events(self._machine.close(refused))
                         self._cond.notify_all()
@@ -362,11 +379,36 @@ class Client(FrontEnd):
             with self._cond:
                 self._cond.wait_for(lambda: self._stopping or self._machine.closed, delay)
 
-    def _read_connection(self, sock: socket.socket) -> bool:
+    def _dial(self) -> _Stream:
+        """A connection to the broker, its TLS handshake done when TLS is on."""
+        o = self.options
+        timeout = min(10.0, o.connect_timeout)
+        sock = socket.create_connection((o.host, o.port), timeout=timeout)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self._ssl is None:
+                sock.settimeout(None)
+                return sock
+            stream = TlsStream(sock, self._ssl, o.tls_hostname)
+            stream.handshake()  # within the connect timeout
+            sock.settimeout(None)
+            return stream
+        except BaseException:
+            sock.close()
+            raise
+
+    def _tls_failure(self, exc: BaseException) -> TlsError | None:
+        if self._ssl is None:
+            return None
+        return self._tls_peer.failure(exc, had_session=self._registered.is_set())
+
+    def _read_connection(self, sock: _Stream) -> bool:
         """Read until the connection ends; True if it registered."""
         registered = False
+        received = False
         error: BaseException | None = None
         transition = False
+        tls: TlsError | None = None
         try:
             while True:
                 try:
@@ -377,6 +419,7 @@ class Client(FrontEnd):
                 if not data:
                     error = ConnectionFailed("the broker closed the connection")
                     break
+                received = True
                 with self._cond:
                     self._on_events(self._machine.receive_data(data))
                     # Duplicates make no event for the dispatcher but still need their ack.
@@ -387,12 +430,18 @@ class Client(FrontEnd):
                 if drop:
                     break
         finally:
+            if not received and self._ssl is not None and not self._stopping:
+                tls = self._tls_peer.ended_unanswered(error, had_session=self._registered.is_set())
             with self._cond:
                 if self._sock is sock:
                     self._sock = None
+                if tls is not None:
+                    self._ending = tls
                 events = self._machine.connection_lost(self._connection_ended(error))
                 transition = any(isinstance(e, ev.Disconnected) for e in events)
                 self._on_events(events)
+                if tls is not None:
+                    self._on_events(self._machine.close(tls))
                 self._cond.notify_all()
             with contextlib.suppress(OSError):
                 sock.close()
@@ -441,7 +490,7 @@ class Client(FrontEnd):
             with self._cond:
                 self._cond.notify_all()  # publishers waiting for buffer room
 
-    def _keepalive(self, sock: socket.socket) -> None:
+    def _keepalive(self, sock: _Stream) -> None:
         try:
             health = read_health(self.options.health)
         except Exception:
@@ -493,6 +542,14 @@ class Client(FrontEnd):
                 done.append(item)
         elif isinstance(item, ev.Registered):
             self._save_state()
+        elif isinstance(item, ev.SubscriptionRevoked):
+            # The broker ended it (permissions changed): its iterator ends, then the notice.
+            with self._lock:
+                old = self._router.remove(item.topic)
+            if old is not None:
+                old._push(END)
+            if (notice := self._notice(item)) is not None:
+                self._callback(notice)
         elif (notice := self._notice(item)) is not None:
             self._callback(notice)
         elif isinstance(item, Claim):

@@ -89,9 +89,8 @@ class Register:
         if (self.session_id is None) != (self.resume_token is None):
             missing = "resume_token" if self.resume_token is None else "session_id"
             _fail(t, missing, "is required when resuming (session_id and resume_token go together)")
-        # The resume token authenticates a resume; a fresh session needs the password.
-        if self.session_id is None and self.password is None:
-            _fail(t, "password", "is required unless resuming a session")
+        # No rule for a missing password: a client certificate may log a fresh session in
+        # (mutual TLS); the broker answers auth_failed when nothing does (docs/protocol.md 3).
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -299,17 +298,21 @@ class Dropped:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Error:
-    """`code` is usually an `ErrorCode`, but kept a plain str so newer codes still decode."""
+    """`code` is usually an `ErrorCode`, but kept a plain str so newer codes still decode.
+    `topic`: present only when the error ends a subscription (`not_authorized`, no `req`: the
+    user may no longer subscribe to it, docs/protocol.md 7.1)."""
 
     type: ClassVar[str] = "error"
     req: int | None = None
     code: str
     message: str
+    topic: str | None = None
 
     def __post_init__(self) -> None:
         _opt_int("error", "req", self.req)
         _str("error", "code", self.code)
         _str("error", "message", self.message)
+        _opt_str("error", "topic", self.topic)
 
 
 ClientFrame = Register | Subscribe | Unsubscribe | Publish | Ack | Ping | Unregister | Stats

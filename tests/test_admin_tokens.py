@@ -145,7 +145,7 @@ def test_tether_serve_with_http_answers_health_metrics_and_the_api(
             break
     threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep it drained
     assert events["http_listening"]["port"] == port
-    assert events["broker_started"]["http"] == f"127.0.0.1:{port}"
+    assert events["broker_started"]["http"] == f"http://127.0.0.1:{port}"
     base = f"http://127.0.0.1:{port}"
     with urllib.request.urlopen(base + "/health", timeout=10) as reply:
         assert json.loads(reply.read())["status"] == "ok"

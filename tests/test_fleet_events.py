@@ -344,6 +344,7 @@ def test_registration_and_connection_metrics_move_with_traffic(
         "auth_queue_length": 0,
         "auth_queue_refused": 0,
         "client_id_refused": 0,
+        "certificate_logins": 0,
     }
     bad = dial_fleet(broker)
     assert_error(bad.register("m-1", password="wrong"), "auth_failed", 1)
@@ -363,6 +364,7 @@ def test_registration_and_connection_metrics_move_with_traffic(
         "auth_queue_length": 0,
         "auth_queue_refused": 0,
         "client_id_refused": 0,
+        "certificate_logins": 0,
     }
     sessions = metrics("sessions")
     assert sessions == {

@@ -696,6 +696,7 @@ def test_the_supervisor_passes_the_admin_flag_and_observes_each_check(tmp_path: 
             "auth_queue_length": 0,
             "auth_queue_refused": 0,
             "client_id_refused": 0,
+            "certificate_logins": 0,
         }
         assert len(observed) == 3 and all(seconds > 0 for seconds in observed)
     finally:

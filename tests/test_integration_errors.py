@@ -125,7 +125,6 @@ BAD_REGISTERS: dict[str, dict[str, Any]] = {
     "empty client_id": {"client_id": ""},
     "client_id of 129 chars": {"client_id": "c" * 129},
     "no username": {"username": None},
-    "no password and no session": {"password": None},
     "token without session_id": {"resume_token": "abc"},
     "takeover not bool": {"takeover": "yes"},
     "metadata not a map": {"metadata": ["a"]},

@@ -96,7 +96,7 @@ def test_add_user_writes_keeps_replaces_and_clears_prefixes(tmp_path: Path) -> N
     assert json.loads(path.read_text())["version"] == 1  # still readable by older brokers
     add_user(path, "fleet", "pw", cost=COST, client_id_prefixes=["s-", "c-", "s-"])
     doc = json.loads(path.read_text())
-    assert doc["version"] == FILE_VERSION == 3
+    assert doc["version"] == 3 < FILE_VERSION  # version 4 adds topic permissions
     assert doc["users"]["fleet"]["client_id_prefixes"] == ["s-", "c-"]
     assert "client_id_prefixes" not in doc["users"]["plain"]
 
