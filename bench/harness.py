@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import resource
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -63,6 +65,51 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+@dataclass(frozen=True)
+class ClientTls:
+    """How a bench client speaks TLS to a server: the CA to trust, the name to check.
+
+    Plain data, so it crosses into forked generators as it is; each process builds its own
+    context from it (`context()`, once per process).
+    """
+
+    ca: Path
+    server_hostname: str = "localhost"
+
+    def context(self) -> ssl.SSLContext:
+        return _client_context(self.ca)
+
+    def wrap(self, sock: socket.socket) -> ssl.SSLSocket:
+        """`sock` after a TLS handshake (under the socket's own timeout)."""
+        return self.context().wrap_socket(sock, server_hostname=self.server_hostname)
+
+
+@functools.cache
+def _client_context(ca: Path) -> ssl.SSLContext:
+    # The defaults a user's client has: certificate and host name checked, TLS 1.2 at least.
+    return ssl.create_default_context(cafile=str(ca))
+
+
+@dataclass(frozen=True)
+class ServerTls:
+    """A server's certificate and key (bench/certs.py, in the server's temporary directory)
+    and what its clients need to trust it."""
+
+    cert: Path
+    key: Path
+    client: ClientTls
+
+    @classmethod
+    def make(cls, directory: Path) -> ServerTls:
+        from bench.certs import CertAuthority
+
+        files = CertAuthority(directory).server()
+        return cls(files.cert, files.key, ClientTls(files.ca))
+
+    def args(self) -> list[str]:
+        return ["--tls-cert", str(self.cert), "--tls-key", str(self.key)]
+
+
 @dataclass
 class Server:
     """A broker or relay running in a child process."""
@@ -73,6 +120,7 @@ class Server:
     log_path: Path
     cmd: list[str]
     proc: subprocess.Popen[bytes] | None = None  # the current process (a restart replaces it)
+    tls: ClientTls | None = None  # set when the server speaks TLS: how to connect to it
 
     @property
     def address(self) -> tuple[str, int]:
@@ -123,8 +171,12 @@ def wait_listening(server: Server, timeout: float = 20.0, interval: float = 0.05
     deadline = time.monotonic() + timeout
     while True:
         try:
-            socket.create_connection(server.address, timeout=1).close()
+            with socket.create_connection(server.address, timeout=1) as sock:
+                if server.tls is not None:
+                    server.tls.wrap(sock).close()  # a TLS server is ready once it shakes hands
             return
+        except ssl.SSLCertVerificationError as exc:
+            raise BenchError(f"the {server.name}'s certificate was refused: {exc}") from None
         except OSError:
             server.check_alive()
             if time.monotonic() > deadline:
@@ -147,8 +199,10 @@ def stop_process(proc: subprocess.Popen[bytes] | None, grace: float = 15.0) -> N
 
 
 @contextlib.contextmanager
-def _server(name: str, cmd: Sequence[str], port: int, tmp: Path) -> Iterator[Server]:
-    server = Server(name, HOST, port, tmp / f"{name}.log", list(cmd))
+def _server(
+    name: str, cmd: Sequence[str], port: int, tmp: Path, tls: ClientTls | None = None
+) -> Iterator[Server]:
+    server = Server(name, HOST, port, tmp / f"{name}.log", list(cmd), tls=tls)
     try:
         _spawn(server)
         wait_listening(server)
@@ -158,13 +212,19 @@ def _server(name: str, cmd: Sequence[str], port: int, tmp: Path) -> Iterator[Ser
 
 
 def _broker_command(
-    tmp: Path, port: int, *extra: str, burst_cost: int | None, in_memory: bool
+    tmp: Path,
+    port: int,
+    *extra: str,
+    burst_cost: int | None,
+    in_memory: bool,
+    bench_user: dict[str, Any] | None = None,
 ) -> list[str]:
     from tether.broker.users import add_user
 
     users = tmp / "users.json"
     # Admin: the bench's monitor asks `stats`, which is admin-only.
-    add_user(users, BENCH_USER, BENCH_PASSWORD, cost=BENCH_COST, admin=True)
+    options: dict[str, Any] = {"admin": True, **(bench_user or {})}
+    add_user(users, BENCH_USER, BENCH_PASSWORD, cost=BENCH_COST, **options)
     if burst_cost is not None:
         add_user(users, BURST_USER, BURST_PASSWORD, cost=burst_cost)
     # Durable is what the bench measures: SQLite in this broker's own directory, --sync full.
@@ -179,19 +239,36 @@ def _broker_command(
 
 @contextlib.contextmanager
 def broker_process(
-    *extra: str, burst_cost: int | None = None, in_memory: bool = False
+    *extra: str,
+    burst_cost: int | None = None,
+    in_memory: bool = False,
+    tls: bool = False,
+    bench_user: dict[str, Any] | None = None,
 ) -> Iterator[Server]:
     """Start `tether serve` in a child process on a free loopback port; stop it after.
 
     Durable (`--data-dir` in its own temporary directory, `--sync full`) unless `in_memory`.
-    The users file holds the bench user (cost BENCH_COST) and, with `burst_cost`, the burst
-    user (at that cost) for fresh registrations that cost what they cost in production.
+    The users file holds the bench user (cost BENCH_COST; admin, unless `bench_user`, the
+    keyword arguments of `add_user`, says otherwise) and, with `burst_cost`, the burst user
+    (at that cost) for fresh registrations that cost what they cost in production. With
+    `tls`, the port serves TLS only (`--tls-cert`, `--tls-key`: a certificate for localhost
+    and 127.0.0.1 from a CA of its own) and `server.tls` says how to connect.
     """
     with tempfile.TemporaryDirectory(prefix="tether-bench-") as tmp_name:
         tmp = Path(tmp_name)
         port = free_port()
-        cmd = _broker_command(tmp, port, *extra, burst_cost=burst_cost, in_memory=in_memory)
-        with _server("broker", cmd, port, tmp) as server:
+        server_tls = ServerTls.make(tmp / "certs") if tls else None
+        cmd = _broker_command(
+            tmp,
+            port,
+            *extra,
+            *(server_tls.args() if server_tls else ()),
+            burst_cost=burst_cost,
+            in_memory=in_memory,
+            bench_user=bench_user,
+        )
+        client_tls = server_tls.client if server_tls else None
+        with _server("broker", cmd, port, tmp, client_tls) as server:
             yield server
 
 
@@ -208,12 +285,17 @@ def kill_and_restart(server: Server) -> tuple[float, float]:
 
 
 @contextlib.contextmanager
-def relay_process() -> Iterator[Server]:
-    """Start the baseline relay (bench/relay.py) in a child process on a free loopback port."""
+def relay_process(*, tls: bool = False) -> Iterator[Server]:
+    """Start the baseline relay (bench/relay.py) in a child process on a free loopback port;
+    with `tls`, serving TLS as `broker_process(tls=True)` does."""
     with tempfile.TemporaryDirectory(prefix="tether-relay-") as tmp_name:
+        tmp = Path(tmp_name)
         port = free_port()
+        server_tls = ServerTls.make(tmp / "certs") if tls else None
         cmd = [sys.executable, "-m", "bench.relay", "--host", HOST, "--port", str(port)]
-        with _server("relay", cmd, port, Path(tmp_name)) as server:
+        cmd += server_tls.args() if server_tls else []
+        client_tls = server_tls.client if server_tls else None
+        with _server("relay", cmd, port, tmp, client_tls) as server:
             yield server
 
 
@@ -223,8 +305,12 @@ class RawClient(WireClient):
 
     read_size = 1 << 20
 
-    def __init__(self, address: tuple[str, int], *, timeout: float = 30.0) -> None:
+    def __init__(
+        self, address: tuple[str, int], *, timeout: float = 30.0, tls: ClientTls | None = None
+    ) -> None:
         super().__init__(address, timeout=timeout)
+        if tls is not None:
+            self.sock = tls.wrap(self.sock)
 
     def recv(self, timeout: float | None = None) -> BrokerFrame:
         try:

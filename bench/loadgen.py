@@ -4,6 +4,10 @@ Written for speed, so they are never what limits a run: publishers send pre-enco
 with one `sendall` each; subscribers read big chunks, parse them incrementally and ack once
 per read; thousands of sessions share one asyncio loop per process. They all check what they
 receive (see bench/checks.py) and report their own CPU time for the measured phase.
+
+The publishers and subscribers take `tls` (a `ClientTls`) to speak TLS to a server that
+serves it (`scripts/bench --tls`); a TLS subscriber reads every record that has arrived
+before it parses, so it parses and acks in batches as large as a plaintext one.
 """
 
 from __future__ import annotations
@@ -11,8 +15,10 @@ from __future__ import annotations
 import array
 import asyncio
 import math
+import select
 import selectors
 import socket
+import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,6 +31,7 @@ from bench.harness import (
     BENCH_USER,
     KEEPALIVE,
     BenchError,
+    ClientTls,
     RawClient,
     raise_nofile,
 )
@@ -98,7 +105,12 @@ class PubPlan:
 
 
 def publisher(
-    link: Link, address: tuple[str, int], plans: Sequence[PubPlan], batch: int, size: int
+    link: Link,
+    address: tuple[str, int],
+    plans: Sequence[PubPlan],
+    batch: int,
+    size: int,
+    tls: ClientTls | None = None,
 ) -> None:
     """Several publisher connections, one process: pre-encoded batches, one sendall each.
 
@@ -108,7 +120,7 @@ def publisher(
     raise_nofile()
     clients = []
     for plan in plans:
-        client = RawClient(address)
+        client = RawClient(address, tls=tls)
         client.register(plan.client_id)
         clients.append(client)
     # Encoding happens before the clock starts: the run measures the broker, not this.
@@ -168,13 +180,14 @@ def paced_publisher(
     duration: float,
     interval: float,
     size: int,
+    tls: ClientTls | None = None,
 ) -> None:
     """Publish at `rate` msg/s for `duration` s: a small batch every `interval` s.
 
     Each message carries the time.monotonic_ns() of its sendall (CLOCK_MONOTONIC is one
     clock for every process on Linux), so the subscriber can tell its latency.
     """
-    client = RawClient(address)
+    client = RawClient(address, tls=tls)
     client.register(client_id)
     enc = PublishEncoder(topic, size)
     total = max(1, round(rate * duration))
@@ -242,6 +255,7 @@ def subscriber(
     latency: bool = False,
     idle_timeout: float = 20.0,
     max_seconds: float = 900.0,
+    tls: ClientTls | None = None,
 ) -> None:
     """Subscribers of `topic` (one connection each) that check `expected` messages apiece.
 
@@ -252,7 +266,7 @@ def subscriber(
     raise_nofile()
     conns: list[_SubConn] = []
     for cid in client_ids:
-        client = RawClient(address)
+        client = RawClient(address, tls=tls)
         client.register(cid)
         client.send(Subscribe(req=1, topic=topic))
         answer = client.recv()
@@ -297,7 +311,7 @@ def subscriber(
             last_data = now
             sock = conn.client.sock
             try:
-                data = sock.recv(READ_SIZE)
+                data = sock.recv(READ_SIZE) if tls is None else _recv_tls(sock)
             except (BlockingIOError, InterruptedError):
                 continue
             recv_ns = time.monotonic_ns()
@@ -340,6 +354,24 @@ def subscriber(
         sent_ns=sent_ns.tobytes(),
         lat_ns=lat_ns.tobytes(),
     )
+
+
+def _recv_tls(sock: socket.socket) -> bytes:
+    """What a plaintext `recv(READ_SIZE)` would return: every TLS record already here.
+
+    One `recv` of a TLS socket returns at most one record (16 KiB); without this, a TLS
+    subscriber would parse and ack 16 KiB at a time, sending the broker many more acks than
+    a plaintext one for the same messages.
+    """
+    assert isinstance(sock, ssl.SSLSocket)
+    chunks = [sock.recv(READ_SIZE)]
+    size = len(chunks[0])
+    poll = select.poll()
+    poll.register(sock, select.POLLIN)
+    while chunks[-1] and size < READ_SIZE and (sock.pending() or poll.poll(0)):
+        chunks.append(sock.recv(READ_SIZE - size))
+        size += len(chunks[-1])
+    return b"".join(chunks)
 
 
 def _parse(

@@ -1,12 +1,14 @@
 """The baseline relay: the Python ceiling for Tether's wire protocol on this machine.
 
-    python -m bench.relay --port N [--host 127.0.0.1]
+    python -m bench.relay --port N [--host 127.0.0.1] [--tls-cert PEM --tls-key PEM]
 
 A bare asyncio server speaking the same framing with the same codec: `register` gets a
 `registered` with fake ids, `subscribe` an `ok`, each `publish` goes to every subscriber of
 its topic as a `deliver` (a per-subscriber seq), `ping` gets `pong`, `ack` is ignored. No
 sessions, no actors, no queues, no flow control, no guarantees: what is left is the cost of
-decoding, encoding and the socket calls, which any broker in Python pays too.
+decoding, encoding and the socket calls, which any broker in Python pays too. With a
+certificate it serves TLS through asyncio's own TLS layer, as the broker does: the floor under
+the broker's TLS figures (`scripts/bench --tls`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import asyncio
 import itertools
 import signal
 import socket
+import ssl
 from typing import Any
 
 from tether.protocol import (
@@ -168,11 +171,11 @@ def _relay_run(
     return subs
 
 
-async def serve(host: str, port: int) -> None:
+async def serve(host: str, port: int, tls: ssl.SSLContext | None = None) -> None:
     relay = Relay()
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
-        lambda: RelayConnection(relay), host, port, backlog=4096, reuse_address=True
+        lambda: RelayConnection(relay), host, port, backlog=4096, reuse_address=True, ssl=tls
     )
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -185,8 +188,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--tls-cert", default=None, help="serve TLS with this PEM certificate")
+    parser.add_argument("--tls-key", default=None, help="the certificate's PEM key")
     args = parser.parse_args()
-    asyncio.run(serve(args.host, args.port))
+    tls = None
+    if args.tls_cert:
+        # The server defaults of the ssl module, as `tether serve --tls-cert` uses.
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.minimum_version = ssl.TLSVersion.TLSv1_2
+        tls.load_cert_chain(args.tls_cert, args.tls_key)
+    asyncio.run(serve(args.host, args.port, tls))
 
 
 if __name__ == "__main__":

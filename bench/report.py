@@ -28,6 +28,7 @@ class Row:
     gen_cpu: float | None = None
     verdict: str = ""  # PASS / MISS against the target, FAIL for broken checks
     vs_memory: str = ""  # a durable figure as a share of the in-memory broker's, same run
+    vs_plain: str = ""  # a TLS figure as a share of the plaintext one, same run (--tls)
 
 
 @dataclass
@@ -178,6 +179,8 @@ def _fmt_cpu(x: float | None) -> str:
 
 
 def table(results: list[ScenarioResult], console: Console) -> str:
+    # The TLS column only where a TLS figure is: the plain run's table stays as it was.
+    tls = any(row.vs_plain for res in results for row in res.rows)
     heads = (
         "scenario",
         "measure",
@@ -185,6 +188,7 @@ def table(results: list[ScenarioResult], console: Console) -> str:
         "target",
         "vs relay",
         "vs in-memory",
+        *(("vs plaintext",) if tls else ()),
         "server CPU s",
         "gen CPU s",
         "result",
@@ -201,6 +205,7 @@ def table(results: list[ScenarioResult], console: Console) -> str:
                     row.target,
                     row.vs_relay,
                     row.vs_memory,
+                    *((row.vs_plain,) if tls else ()),
                     _fmt_cpu(row.server_cpu),
                     _fmt_cpu(row.gen_cpu),
                     row.verdict,

@@ -73,6 +73,8 @@ class Sizes:
     http_repeats: int = 3  # runs with and without the HTTP endpoint, interleaved (A B A B ...)
     api_sessions: int = 10_000  # sessions behind GET /api/sessions?limit=100
     api_gets: int = 500  # timed GETs of it
+    tls_repeats: int = 3  # `--tls`: throughput runs per server, plaintext and TLS (A B A B ...)
+    permission_repeats: int = 3  # throughput runs with and without permissions (A B A B ...)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -94,6 +96,8 @@ QUICK = replace(
     fleet_sessions=200,
     fleet_queued=500,
     http_repeats=2,
+    tls_repeats=2,
+    permission_repeats=2,
     api_sessions=2_000,
     api_gets=200,
 )
@@ -120,6 +124,8 @@ TINY = replace(
     fleet_sessions=5,
     fleet_queued=20,
     http_repeats=1,
+    tls_repeats=1,
+    permission_repeats=1,
     api_sessions=250,
     api_gets=20,
 )
@@ -206,7 +212,14 @@ def _flow(
                 name = f"sub{p}"
                 sub_names.append(name)
                 fleet.start(
-                    name, loadgen.subscriber, server.address, ids, TOPIC, pubs * each, False
+                    name,
+                    loadgen.subscriber,
+                    server.address,
+                    ids,
+                    TOPIC,
+                    pubs * each,
+                    False,
+                    tls=server.tls,
                 )
         pub_names = []
         per_proc = math.ceil(pubs / pub_procs)
@@ -218,7 +231,9 @@ def _flow(
             if plans:
                 name = f"pub{p}"
                 pub_names.append(name)
-                fleet.start(name, loadgen.publisher, server.address, plans, batch, payload)
+                fleet.start(
+                    name, loadgen.publisher, server.address, plans, batch, payload, tls=server.tls
+                )
         fleet.wait("ready", timeout=120)
         cpu0 = server.cpu()
         fleet.send("go", pub_names)
@@ -756,7 +771,16 @@ def _latency_run(
     rate = sizes.latency_rate
     total = max(1, round(rate * seconds))
     with Fleet(server) as fleet:
-        fleet.start("sub", loadgen.subscriber, server.address, ["lat-sub"], TOPIC, total, True)
+        fleet.start(
+            "sub",
+            loadgen.subscriber,
+            server.address,
+            ["lat-sub"],
+            TOPIC,
+            total,
+            True,
+            tls=server.tls,
+        )
         fleet.start(
             "pub",
             loadgen.paced_publisher,
@@ -767,6 +791,7 @@ def _latency_run(
             seconds,
             sizes.latency_interval,
             sizes.payload,
+            tls=server.tls,
         )
         names = ["sub", "pub"]
         if burst_cost is not None:
@@ -1301,6 +1326,14 @@ def api_sessions(sizes: Sizes, console: Console) -> ScenarioResult:
     return res
 
 
+def permissions(sizes: Sizes, console: Console) -> ScenarioResult:
+    """Issue 13: throughput with the bench user restricted by topic patterns, beside it
+    unrestricted (bench/scenarios_perms.py)."""
+    from bench.scenarios_perms import permissions as run
+
+    return run(sizes, console)
+
+
 SCENARIOS: dict[str, Callable[[Sizes, Console], ScenarioResult]] = {
     "throughput": throughput,
     "fan-out": fanout,
@@ -1314,14 +1347,21 @@ SCENARIOS: dict[str, Callable[[Sizes, Console], ScenarioResult]] = {
     "offline-fleet": offline_fleet,
     "http": http_overhead,
     "api-sessions": api_sessions,
+    "permissions": permissions,
 }
 
 
-def run_scenario(name: str, sizes: Sizes, console: Console) -> ScenarioResult:
-    """Run one scenario; a failure to run becomes a loud result, never an exception."""
+def run_scenario(
+    name: str,
+    sizes: Sizes,
+    console: Console,
+    registry: dict[str, Callable[[Sizes, Console], ScenarioResult]] | None = None,
+) -> ScenarioResult:
+    """Run one scenario (of `registry`, default SCENARIOS); a failure to run becomes a loud
+    result, never an exception."""
     t0 = time.monotonic()
     try:
-        res = SCENARIOS[name](sizes, console)
+        res = (registry or SCENARIOS)[name](sizes, console)
     except BenchError as exc:
         res = ScenarioResult(name, error=str(exc))
     res.seconds = time.monotonic() - t0

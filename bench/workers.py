@@ -52,9 +52,11 @@ class Link:
         return str(step), dict(args)
 
 
-def _child_main(fn: Callable[..., None], link: Link, args: tuple[Any, ...]) -> None:
+def _child_main(
+    fn: Callable[..., None], link: Link, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> None:
     try:
-        fn(link, *args)
+        fn(link, *args, **kwargs)
     except BaseException as exc:  # report anything, then let the process end
         if isinstance(exc, BenchError):
             detail = str(exc)
@@ -77,13 +79,17 @@ class Fleet:
     slots: dict[str, int] = field(default_factory=dict)
     _backlog: list[dict[str, Any]] = field(default_factory=list)
 
-    def start(self, name: str, fn: Callable[..., None], *args: Any) -> None:
+    def start(self, name: str, fn: Callable[..., None], *args: Any, **kwargs: Any) -> None:
+        """Fork a generator running `fn(link, *args, **kwargs)` (fork: nothing is pickled,
+        so arguments may be anything; a `ClientTls` makes its context in the child)."""
         slot = len(self.procs)
         if slot >= MAX_SLOTS:
             raise BenchError("too many generator processes")
         parent_end, child_end = _CTX.Pipe()
         link = Link(name, slot, self.results, self.progress, child_end)
-        proc = _CTX.Process(target=_child_main, args=(fn, link, args), name=name, daemon=True)
+        proc = _CTX.Process(
+            target=_child_main, args=(fn, link, args, kwargs), name=name, daemon=True
+        )
         proc.start()
         self.procs[name] = proc
         self.slots[name] = slot

@@ -90,6 +90,7 @@ def test_command_line_writes_json_and_latest(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "drain" in proc.stdout and ("PASS" in proc.stdout or "MISS" in proc.stdout)
+    assert "vs plaintext" not in proc.stdout  # the TLS column is for `--tls` runs only
     latest = json.loads((tmp_path / "latest.json").read_text())
     assert latest["ok"] is True
     assert [s["name"] for s in latest["scenarios"]] == ["drain"]
