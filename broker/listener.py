@@ -298,13 +298,15 @@ class Listener(LoopActor):
                     self._close()
             case SessionAttached():
                 self._on_attached(message)
-            case RegisterRejected(req=req, code=code, message=text):
+            case RegisterRejected(req=req, code=code, message=text, retry_after=retry_after):
                 if self._socket_closed:
                     self._finish()
                     return None
                 self._move("rejected")
                 self._ended_early = None
-                self._link.write(encode(Error(req=req, code=code, message=text)))
+                self._link.write(
+                    encode(Error(req=req, code=code, message=text, retry_after=retry_after))
+                )
                 # A fresh attempt gets a fresh registration deadline.
                 self._link.set_deadline(self._register_timeout)
                 self._link.resume_reading()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pykka import ActorRef
@@ -48,6 +48,7 @@ class RegisterRejected:
     req: int
     code: ErrorCode
     message: str
+    retry_after: int | None = None  # seconds; a refusal that was no verdict on the password
 
 
 # SessionManager -> Listener of a session's previous connection (a takeover or resume), or of
@@ -167,6 +168,9 @@ class UsersReloaded:
 @dataclass(frozen=True, slots=True)
 class UsersChanged:
     valid_after: Mapping[str, float | None]
+    # Each user's client id prefixes (None: any): a session whose id no longer starts with
+    # one of its user's is ended too.
+    prefixes: Mapping[str, tuple[str, ...] | None] = field(default_factory=dict)
 
 
 # Listener -> ListenerManager

@@ -211,8 +211,8 @@ class SessionManager(LoopActor):
                     self._remove(session, "expired")
             case _Bound():
                 self._on_bound(message)
-            case UsersChanged(valid_after):
-                self._on_users_changed(valid_after)
+            case UsersChanged(valid_after, prefixes):
+                self._on_users_changed(valid_after, prefixes)
             case ListSessions():
                 return fleet_view.page(
                     self._client_ids, self._by_client_id, message, self._clock(), self._expiry
@@ -387,28 +387,35 @@ class SessionManager(LoopActor):
             session, conn, resumed=True, outcome=outcome, req=frame.req, previous_conn=previous_conn
         )
 
-    def _on_users_changed(self, valid_after: Mapping[str, float | None]) -> None:
-        """End the sessions of users removed from the users file, and those created before
-        their user's `sessions_valid_after`: their connections get `session_ended`, their
+    def _on_users_changed(
+        self,
+        valid_after: Mapping[str, float | None],
+        prefixes: Mapping[str, tuple[str, ...] | None],
+    ) -> None:
+        """End the sessions of users removed from the users file, those created before
+        their user's `sessions_valid_after`, and those whose client id no longer starts with
+        one of their user's `client_id_prefixes`: their connections get `session_ended`, their
         queues are discarded, and a resume of them is refused (`unknown_session`). A fresh
         session is never refused here: the supervisor checked the user against the users
         file it told this actor of last (and refuses a check that the reload overtook)."""
         for session in list(self._sessions.values()):
+            allowed = prefixes.get(session.username)
             if session.username not in valid_after:
                 reason = "user_removed"
-            else:
-                after = valid_after[session.username]
-                if after is None or session.created >= after:
-                    continue
+            elif (after := valid_after[session.username]) is not None and session.created < after:
                 reason = "sessions_revoked"
+            elif allowed is not None and not session.client_id.startswith(allowed):
+                reason = "client_id_not_allowed"
+            else:
+                continue
             if session.conn is not None:
                 tell(
                     session.conn.ref,
                     TakenOver(
                         session.session_id,
                         ErrorCode.SESSION_ENDED,
-                        "the broker ended this session: its user was removed or its sessions "
-                        "were revoked",
+                        "the broker ended this session: its user was removed, its sessions "
+                        "were revoked, or its client id is no longer one its user may use",
                     ),
                 )
             self._remove(session, reason)

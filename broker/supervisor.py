@@ -86,6 +86,11 @@ def _log_quietly(kind: str, count: int, fields: dict[str, Any]) -> None:
     _log.info(kind, count=count, **fields)
 
 
+# Seconds a register refused for a full login queue is told to wait (`error.retry_after`): the
+# queue moves at the speed of bcrypt, and the client adds its own jitter on top.
+QUEUE_FULL_RETRY_AFTER = 1
+
+
 def _peer_address(peer: str) -> str:
     # "host:port" -> "host": failures and the login queue's turns count per source (an IPv4
     # address or an IPv6 /64: addresses.py), not per connection.
@@ -314,6 +319,7 @@ class BrokerSupervisor(LoopActor):
                 request.frame.req,
                 ErrorCode.RATE_LIMITED,
                 "the broker has too many logins waiting for a password check: try again shortly",
+                retry_after=QUEUE_FULL_RETRY_AFTER,
             ),
         )
 
@@ -388,7 +394,12 @@ class BrokerSupervisor(LoopActor):
                 # all of them end, whatever the time written in the file.
                 valid_after[name] = max(valid_after[name] or 0.0, now)
         if removed or changed:
-            tell(self._sessions, UsersChanged(valid_after))
+            prefixes = {
+                name: record.client_id_prefixes
+                for name in changed
+                if (record := users.get(name)) is not None
+            }
+            tell(self._sessions, UsersChanged(valid_after, prefixes))
 
     def _refuse(self, req: int, conn: ConnHandle) -> None:
         self.rate_limited += 1

@@ -351,7 +351,7 @@ class AsyncClient(FrontEnd):
                     attempt = 0
             if self._ended.is_set() or self._stop.is_set():
                 break
-            delay = self._backoff.delay(attempt)
+            delay = self._reconnect_delay(attempt)
             attempt += 1
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), delay)

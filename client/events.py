@@ -128,10 +128,12 @@ class Refused:
 @dataclass(frozen=True, slots=True)
 class Disconnect:
     """The front end should drop this connection and reconnect after a backoff. `error` is
-    what the broker said, when it refused us (e.g. `rate_limited`)."""
+    what the broker said, when it refused us (e.g. `rate_limited`); `retry_after`, seconds the
+    broker asked us to wait at least (the backoff's jitter comes on top)."""
 
     reason: str
     error: TetherError | None = None
+    retry_after: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -160,6 +160,7 @@ class FrontEnd:
         self._ping: tuple[int, float] | None = None  # unanswered ping: (req, sent at)
         self._close_started = False
         self._drop_connection = False  # the machine asked for a new connection
+        self._retry_after = 0.0  # seconds the broker asked the next attempt to wait at least
         self._in_handler: Message | None = None  # the message a handler is running for
 
     @property
@@ -271,6 +272,7 @@ class FrontEnd:
                 self._log.warning("dropping_connection", reason=event.reason)
                 self._ending = event.error or ConnectionFailed(event.reason)
                 self._drop_connection = True
+                self._retry_after = event.retry_after or 0.0
             elif isinstance(event, ev.BrokerError):
                 if event.code in FATAL_CODES:  # the broker closes the connection after it
                     self._ending = Rejected(event.code, event.message)
@@ -287,6 +289,12 @@ class FrontEnd:
             else:  # Dropped, SessionLost, TakenOver, Refused, SubscriptionRevoked, Disconnected,
                 # Reconnected
                 self._to_dispatcher(event)
+
+    def _reconnect_delay(self, attempt: int) -> float:
+        """How long to wait before attempt `attempt + 1`: the backoff's draw, on top of what
+        the broker asked for (`retry_after`), so refused clients do not return together."""
+        floor, self._retry_after = self._retry_after, 0.0
+        return floor + self._backoff.delay(attempt)
 
     def _notice(self, item: object) -> Notice | None:
         """For the dispatcher: log an event the application hears of, and return its

@@ -30,7 +30,8 @@ Theory of operation:
   ends the machine with an error instead of a reconnect: a register refused as too large, a
   delivery over the client's limit, a stream broken the same way on consecutive connections
   with no progress between them, and, before the first session, an answer that is not Tether
-  or a `rate_limited` login (only wrong passwords are answered so).
+  or a `rate_limited` login that followed a wrong password (one the broker gave unchecked, its
+  login queue full, carries `retry_after` and is retried after that long).
 - Transitions. Losing the connection that held the session emits `Disconnected` once; the next
   `registered` after it emits `Reconnected`. Failed attempts in between emit nothing.
 - Delivery. A `deliver` whose seq is not above the last one seen for its topic is a duplicate
@@ -755,8 +756,18 @@ class ClientMachine:
             return
         if code == ErrorCode.RATE_LIMITED:
             refusal = Rejected(code, f.message)
+            if f.retry_after is not None:
+                # Refused unchecked (the broker's login queue was full): no verdict on the
+                # password, so try again, after at least what the broker asked.
+                events.append(
+                    ev.Disconnect(
+                        "the broker's login queue is full", refusal, retry_after=f.retry_after
+                    )
+                )
+                return
             if not self._ever_registered:
-                # Only a wrong password is answered so: trying it again cannot help.
+                # After a wrong password (and too many from this address): trying the same
+                # password again cannot help.
                 self._finish(refusal, events)
                 return
             events.append(

@@ -373,7 +373,7 @@ class Client(FrontEnd):
                     attempt = 0
             if self._ended.is_set() or self._stopping:
                 break
-            delay = self._backoff.delay(attempt)
+            delay = self._reconnect_delay(attempt)
             attempt += 1
             self._log.debug("reconnect_wait", delay=round(delay, 3), attempt=attempt)
             with self._cond:

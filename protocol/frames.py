@@ -300,19 +300,24 @@ class Dropped:
 class Error:
     """`code` is usually an `ErrorCode`, but kept a plain str so newer codes still decode.
     `topic`: present only when the error ends a subscription (`not_authorized`, no `req`: the
-    user may no longer subscribe to it, docs/protocol.md 7.1)."""
+    user may no longer subscribe to it, docs/protocol.md 7.1). `retry_after`: seconds, on a
+    `rate_limited` the broker gave without checking the password (its login queue was full):
+    try again after that long; absent, the refusal followed a wrong password."""
 
     type: ClassVar[str] = "error"
     req: int | None = None
     code: str
     message: str
     topic: str | None = None
+    retry_after: int | None = None
 
     def __post_init__(self) -> None:
         _opt_int("error", "req", self.req)
         _str("error", "code", self.code)
         _str("error", "message", self.message)
         _opt_str("error", "topic", self.topic)
+        if self.retry_after is not None:
+            _int("error", "retry_after", self.retry_after, 0, 3600)
 
 
 ClientFrame = Register | Subscribe | Unsubscribe | Publish | Ack | Ping | Unregister | Stats

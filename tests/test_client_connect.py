@@ -32,7 +32,7 @@ from tether.client import (
     Reconnected,
     Rejected,
 )
-from tether.protocol import Error, encode
+from tether.protocol import NEED_DATA, Error, FrameDecoder, Register, Registered, encode
 
 
 def client(address: tuple[str, int], client_id: str, **kw: Any) -> Client:
@@ -226,6 +226,54 @@ def test_a_connect_that_times_out_says_what_the_broker_said_last(
     text = str(info.value)
     assert "timeout: the broker is too busy" in text
     assert "no answer" not in text and "closed the connection" not in text
+
+
+def test_a_login_refused_unchecked_is_tried_again_after_retry_after() -> None:
+    """Issue 12: a broker whose login queue is full answers `rate_limited` with `retry_after`
+    (no verdict on the password). A client that never had a session dials again after that
+    long instead of giving up, and gets in."""
+    server = socket.create_server(("127.0.0.1", 0))
+    dialled: list[float] = []
+
+    def serve() -> None:
+        for attempt in range(2):
+            conn, _ = server.accept()
+            dialled.append(time.monotonic())
+            with conn:
+                decoder = FrameDecoder()
+                while (frame := decoder.next_frame()) is NEED_DATA:
+                    decoder.receive_data(conn.recv(65536))
+                assert isinstance(frame, Register)
+                if attempt == 0:
+                    busy = Error(req=frame.req, code="rate_limited", message="busy", retry_after=1)
+                    conn.sendall(encode(busy))
+                    continue
+                conn.sendall(
+                    encode(
+                        Registered(
+                            req=frame.req,
+                            session_id="s-1",
+                            resume_token="t-1",
+                            resumed=False,
+                            keepalive=30,
+                            expiry=300,
+                            queued=0,
+                            dropped=0,
+                        )
+                    )
+                )
+                conn.recv(65536)  # until the client goes
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        with client(server.getsockname()[:2], "patient", connect_timeout=10) as c:
+            assert c.session_id == "s-1"
+    finally:
+        server.close()
+        thread.join(5)
+    assert len(dialled) == 2
+    assert dialled[1] - dialled[0] >= 1.0  # it waited what the broker asked, at least
 
 
 def test_auth_failed_points_at_the_brokers_users_file(broker: Broker) -> None:

@@ -224,6 +224,25 @@ def test_rate_limited_before_the_first_session_ends_the_machine_with_the_brokers
     assert machine.closed
 
 
+def test_rate_limited_unchecked_is_retried_after_what_the_broker_asked_even_the_first_time() -> (
+    None
+):
+    """Issue 12: a full login queue answers `rate_limited` with `retry_after`, no verdict on
+    the password: a client that never had a session tries again instead of giving up."""
+    machine = ClientMachine(CONFIG)
+    machine.connection_made()
+    (reg,) = sent(machine)
+    refusal = Error(req=reg.req, code="rate_limited", message="queue full", retry_after=1)  # type: ignore[union-attr]
+    (event,) = feed(machine, refusal)
+    assert isinstance(event, ev.Disconnect) and event.retry_after == 1
+    assert isinstance(event.error, Rejected) and event.error.code == "rate_limited"
+    assert not machine.closed
+    machine.connection_lost()
+    machine.connection_made()
+    (again,) = sent(machine)
+    assert isinstance(again, Register) and again.password == reg.password  # type: ignore[union-attr]
+
+
 def test_duplicates_are_dropped_and_acks_follow_what_was_handled() -> None:
     machine, _ = ready()
     feed(machine, Ok(req=machine.subscribe("t")))

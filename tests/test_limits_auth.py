@@ -27,7 +27,7 @@ from tether.broker.ratelimit import FailureLimiter
 from tether.broker.server import Broker
 from tether.broker.supervisor import BrokerSupervisor
 from tether.broker.users import UserStore, add_user
-from tether.protocol import ErrorCode, Register
+from tether.protocol import Error, ErrorCode, Register
 
 # --- the queue, pure ----------------------------------------------------------------------
 
@@ -300,7 +300,9 @@ def test_a_correct_password_from_a_blocked_address_logs_in_with_its_checks_queue
         guesser.send(Register(req=req, client_id="g", username="alice", password="bad"))
         assert_error(guesser.recv(timeout=10), "auth_failed", req)
     guesser.send(Register(req=3, client_id="g", username="alice", password="bad"))
-    assert_error(guesser.recv(timeout=10), "rate_limited", 3)  # past the limit: slowed
+    verdict = guesser.recv(timeout=10)
+    assert_error(verdict, "rate_limited", 3)  # past the limit: slowed
+    assert cast("Error", verdict).retry_after is None  # a verdict on the password: no retry
     flood(broker, dial_from, "127.0.0.6", 6)  # more checks under way than it used to be allowed
     wait_for(lambda: metrics(broker)["auth_queue_length"] >= 4)
     device = dial_from(broker, "127.0.0.6")
@@ -315,9 +317,13 @@ def test_a_full_queue_answers_rate_limited_at_once_and_without_a_check(
     clients = flood(broker, dial_from, "127.0.0.2", 10)
     # One check under way and three waiting: the others (six, unless a check ended before
     # they all came) were refused on arrival, and none of them cost a check.
-    codes = [cast("Any", client.recv(timeout=20)).code for client in clients]
+    answers = [cast("Error", client.recv(timeout=20)) for client in clients]
+    codes = [answer.code for answer in answers]
     refused = codes.count("rate_limited")
     assert refused >= 1 and codes.count("auth_failed") == 10 - refused
+    # Refused unchecked: "try again in a second", which a refused password never says.
+    assert {a.retry_after for a in answers if a.code == "rate_limited"} == {1}
+    assert {a.retry_after for a in answers if a.code == "auth_failed"} == {None}
     seen = metrics(broker)
     assert seen["auth_queue_refused"] == seen["registrations_rate_limited"] == refused
     assert (seen["password_checks"], seen["auth_queue_length"]) == (10 - refused, 0)

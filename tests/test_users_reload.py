@@ -32,7 +32,7 @@ from tether.broker.server import Broker
 from tether.broker.users import add_user
 from tether.client import Client
 from tether.client.errors import SessionEnded
-from tether.protocol import Registered
+from tether.protocol import Ping, Pong, Registered
 
 COST = "4"
 RELOAD_WAIT = 10.0
@@ -292,3 +292,26 @@ def test_a_newly_revoked_user_loses_every_session_it_has_at_reload(
     assert isinstance(_login(broker, "alice", "secret", "after"), Registered)
     time.sleep(1.5)  # another look at the unchanged file ends nothing
     assert broker.stats()["sessions"] == 1
+
+
+def test_a_prefix_change_ends_the_sessions_whose_id_it_no_longer_allows(
+    live: Callable[..., Broker], users_path: Path, caplog_info: pytest.LogCaptureFixture
+) -> None:
+    broker = live()
+    assert broker.address is not None
+    kept = WireClient(broker.address, timeout=5.0)
+    registered(kept.register("sensor-1"))
+    ended = WireClient(broker.address, timeout=5.0)
+    registered(ended.register("pump-1"))
+
+    seen = _count(caplog_info, "users_reloaded")
+    add_user(users_path, "alice", "secret", cost=int(COST), replace=True,
+             client_id_prefixes=["sensor-"])  # fmt: skip
+    _await_log(caplog_info, "users_reloaded", seen)
+
+    frames = ended.frames_until_closed(timeout=5)
+    assert len(frames) == 1, frames
+    assert_error(frames[0], "session_ended", None)
+    wait_for(lambda: broker.stats()["sessions"] == 1)
+    kept.send(Ping(req=7))
+    assert kept.recv() == Pong(req=7)  # the allowed one goes on
