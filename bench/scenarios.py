@@ -260,6 +260,23 @@ def _flow(
     )
 
 
+def one_to_one(server: Server, console: Console, label: str, sizes: Sizes) -> FlowRun:
+    """The throughput scenario's flow against `server`: 1 -> 1, acks, batches of 1,000 (what
+    the http, permissions and TLS comparisons run on each side)."""
+    return _flow(
+        server,
+        console,
+        label,
+        subs=1,
+        sub_procs=1,
+        pubs=1,
+        pub_procs=1,
+        each=sizes.throughput,
+        batch=1000,
+        payload=sizes.payload,
+    )
+
+
 def _times(a: float, b: float) -> str:
     """How a durable figure compares with the in-memory one, as a percentage."""
     return f"{a / b:.0%}" if b else ""
@@ -1166,18 +1183,7 @@ def http_overhead(sizes: Sizes, console: Console) -> ScenarioResult:
         for scraped in (False, True):
             label = f"http: throughput {'with' if scraped else 'without'} HTTP, run {rep + 1}"
             with _maybe_scraped(scraped, scrapes) as server:
-                flow = _flow(
-                    server,
-                    console,
-                    label,
-                    subs=1,
-                    sub_procs=1,
-                    pubs=1,
-                    pub_procs=1,
-                    each=sizes.throughput,
-                    batch=1000,
-                    payload=sizes.payload,
-                )
+                flow = one_to_one(server, console, label, sizes)
             rates[scraped].append(flow.rate)
             tallies.append((label, flow.tally))
         for scraped in (False, True):

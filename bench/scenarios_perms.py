@@ -27,7 +27,7 @@ from typing import Any
 
 from bench.harness import broker_process
 from bench.report import FAIL, Console, Row, ScenarioResult, verdict
-from bench.scenarios import TOPIC, FlowRun, Sizes, _flow, _rate
+from bench.scenarios import TOPIC, FlowRun, Sizes, _rate, one_to_one
 
 # What a fleet's operator would grant, the bench topic (bench/t) allowed by the last but one.
 PUBLISH = [
@@ -89,20 +89,7 @@ def permissions(sizes: Sizes, console: Console) -> ScenarioResult:
             user = RESTRICTED if restricted else None
             with broker_process(in_memory=True, bench_user=user) as server:
                 label = f"permissions ({'restricted' if restricted else 'unrestricted'}, {rep + 1})"
-                runs[restricted].append(
-                    _flow(
-                        server,
-                        console,
-                        label,
-                        subs=1,
-                        sub_procs=1,
-                        pubs=1,
-                        pub_procs=1,
-                        each=sizes.throughput,
-                        batch=1000,
-                        payload=sizes.payload,
-                    )
-                )
+                runs[restricted].append(one_to_one(server, console, label, sizes))
     rates = {k: [r.rate for r in v] for k, v in runs.items()}
     free, bound = _mean(rates[False]), _mean(rates[True])
     ratio = bound / free if free else 0.0

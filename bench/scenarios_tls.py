@@ -34,9 +34,9 @@ from bench.scenarios import (
     T_THROUGHPUT,
     FlowRun,
     Sizes,
-    _flow,
     _latency_run,
     _rate,
+    one_to_one,
     percentile,
 )
 from bench.tls_micro import BATCHES, measure
@@ -80,19 +80,9 @@ def tls_throughput(sizes: Sizes, console: Console) -> ScenarioResult:
             for tls in (False, True):
                 with start(tls=tls) as server:
                     mode = "TLS" if tls else "plaintext"
+                    label = f"throughput ({who}, {mode}, {rep + 1})"
                     runs.setdefault((who, tls), []).append(
-                        _flow(
-                            server,
-                            console,
-                            f"throughput ({who}, {mode}, {rep + 1})",
-                            subs=1,
-                            sub_procs=1,
-                            pubs=1,
-                            pub_procs=1,
-                            each=sizes.throughput,
-                            batch=1000,
-                            payload=sizes.payload,
-                        )
+                        one_to_one(server, console, label, sizes)
                     )
     repeats = f"mean of {sizes.tls_repeats}" if sizes.tls_repeats > 1 else "one run"
     for who, _ in SERVERS:

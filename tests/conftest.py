@@ -71,6 +71,24 @@ def start_broker(users_file: Path) -> Iterator[Callable[..., Broker]]:
 
 
 @pytest.fixture
+def live(users_path: Path) -> Iterator[Callable[..., Broker]]:
+    """Brokers that load their users from the test module's `users_path` fixture and watch
+    it, as `tether serve` does (a reload, SIGHUP's, is `broker.reload_users()`)."""
+    started: list[Broker] = []
+
+    def start(**overrides: Any) -> Broker:
+        config = replace(BrokerConfig(port=0, users_path=users_path, data_dir=None), **overrides)
+        broker = Broker(config)  # no `users=`: loaded from the file, and watched
+        broker.start()
+        started.append(broker)
+        return broker
+
+    yield start
+    for broker in started:
+        broker.stop()
+
+
+@pytest.fixture
 def broker(start_broker: Callable[..., Broker]) -> Broker:
     return start_broker()
 

@@ -13,22 +13,20 @@ from __future__ import annotations
 import subprocess
 import threading
 import urllib.request
-from collections.abc import Callable, Iterator
-from dataclasses import replace
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import pytest
 
 from tests.helpers import assert_error, registered, resume_frame, subscribe
 from tests.test_client_restart import cli_env, tether
 from tests.wire import WireClient, wait_for
-from tether.broker.config import BrokerConfig
 from tether.broker.messages import GetMetrics, GetSubscriptions, SubscriptionView
 from tether.broker.server import Broker
 from tether.broker.users import add_user, set_user
 from tether.client import Client, NotAuthorized, TetherError
-from tether.protocol import Ack, Deliver, Error, ErrorCode, Ok, Publish, Subscribe
+from tether.protocol import Ack, Deliver, Error, ErrorCode, Ok, Publish, Registered, Subscribe
 
 COST = 4
 NOT_AUTHORIZED = ErrorCode.NOT_AUTHORIZED
@@ -43,22 +41,6 @@ def users_path(tmp_path: Path) -> Path:
     add_user(path, "dev", "pw", cost=COST, publish=DEV_PUB, subscribe=DEV_SUB)
     add_user(path, "ops", "pw", cost=COST, admin=True)
     return path
-
-
-@pytest.fixture
-def live(users_path: Path) -> Iterator[Callable[..., Broker]]:
-    started: list[Broker] = []
-
-    def start(**overrides: Any) -> Broker:
-        config = replace(BrokerConfig(port=0, users_path=users_path, data_dir=None), **overrides)
-        broker = Broker(config)  # no `users=`: loaded from the file, and watched
-        broker.start()
-        started.append(broker)
-        return broker
-
-    yield start
-    for broker in started:
-        broker.stop()
 
 
 def _metrics(broker: Broker) -> dict[str, int]:
@@ -196,15 +178,23 @@ def _await_revoked(client: WireClient, topic: str) -> Error:
     return notice
 
 
-def test_a_permission_removed_while_subscribed(
-    live: Callable[..., Broker], dial: Callable[[Broker], WireClient], users_path: Path
-) -> None:
-    broker = live()
+def _dev_subscribed(
+    broker: Broker, dial: Callable[[Broker], WireClient]
+) -> tuple[WireClient, WireClient, Registered]:
+    """dev-7 (user dev) subscribed to its command topic and the broadcast; alice beside it."""
     dev, alice = dial(broker), dial(broker)
     reg = registered(dev.register("dev-7", "dev", "pw"))
     registered(alice.register("a-1"))
     subscribe(dev, "devices/dev-7/cmd/a")
     subscribe(dev, "fleet/broadcast")
+    return dev, alice, reg
+
+
+def test_a_permission_removed_while_subscribed(
+    live: Callable[..., Broker], dial: Callable[[Broker], WireClient], users_path: Path
+) -> None:
+    broker = live()
+    dev, alice, reg = _dev_subscribed(broker, dial)
     for n in range(3):  # delivered, never acked: held in the queue
         assert _publish(alice, "devices/dev-7/cmd/a", b"%d" % n) == Ok(req=alice._req)
     assert len(dev.sync()) == 3
@@ -234,11 +224,7 @@ def test_an_away_session_is_told_on_resume(
     live: Callable[..., Broker], dial: Callable[[Broker], WireClient], users_path: Path
 ) -> None:
     broker = live()
-    dev, alice = dial(broker), dial(broker)
-    reg = registered(dev.register("dev-7", "dev", "pw"))
-    registered(alice.register("a-1"))
-    subscribe(dev, "devices/dev-7/cmd/a")
-    subscribe(dev, "fleet/broadcast")
+    dev, alice, reg = _dev_subscribed(broker, dial)
     dev.close()
     wait_for(lambda: broker.stats()["connected"] == 1)
     for topic in ("devices/dev-7/cmd/a", "fleet/broadcast"):

@@ -17,8 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import replace
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,6 @@ import pytest
 from tests.helpers import assert_error, registered, resume_frame
 from tests.test_client_chaos import FAST
 from tests.wire import WireClient, wait_for
-from tether.broker.config import BrokerConfig
 from tether.broker.server import Broker
 from tether.broker.users import add_user
 from tether.client import Client
@@ -49,22 +47,6 @@ def users_path(tmp_path: Path) -> Path:
 def caplog_info(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
     caplog.set_level(logging.INFO)
     return caplog
-
-
-@pytest.fixture
-def live(users_path: Path, tmp_path: Path) -> Iterator[Callable[..., Broker]]:
-    started: list[Broker] = []
-
-    def start(**overrides: Any) -> Broker:
-        config = replace(BrokerConfig(port=0, users_path=users_path, data_dir=None), **overrides)
-        broker = Broker(config)  # no `users=`: loaded from the file, and watched
-        broker.start()
-        started.append(broker)
-        return broker
-
-    yield start
-    for broker in started:
-        broker.stop()
 
 
 def _count(caplog: pytest.LogCaptureFixture, event: str) -> int:
