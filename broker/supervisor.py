@@ -152,13 +152,14 @@ class BrokerSupervisor(LoopActor):
     def on_receive(self, message: object) -> object:
         match message:
             case RegisterRequest(frame=frame, conn=conn, certificate=certificate):
-                if (
-                    frame.session_id is None
-                    and self._cert_username is not None
-                    and certificate is not None
-                ):
-                    self._certificate_login(frame, conn, certificate, self._cert_username)
-                    return None
+                if self._cert_username is not None and certificate is not None:
+                    # The certificate names the user, for a resume as for a fresh session: a
+                    # resume token alone does not let another certificate's holder in.
+                    if self._certificate_refused(frame, conn, certificate, self._cert_username):
+                        return None
+                    if frame.session_id is None:
+                        self._certificate_login(frame, conn)
+                        return None
                 if self._client_id_refused(frame, conn):
                     return None
                 if frame.session_id is None and frame.password is None:
@@ -241,11 +242,11 @@ class BrokerSupervisor(LoopActor):
         )
         return True
 
-    def _certificate_login(
+    def _certificate_refused(
         self, frame: Register, conn: ConnHandle, certificate: PeerCertificate, mode: str
-    ) -> None:
-        """Log in as the user the certificate names: no password check (a password, if sent,
-        is ignored); the client id prefixes and the admin mark apply as for any login."""
+    ) -> bool:
+        """Refuse (`auth_failed`, logged and counted) a register whose username is not the
+        user the certificate names."""
         name = certificate.username(mode)
         if name is None or name != frame.username or name not in self._users:
             reason = (
@@ -273,12 +274,18 @@ class BrokerSupervisor(LoopActor):
                     "the username is not the client certificate's, or not a user",
                 ),
             )
-            return
+            return True
+        return False
+
+    def _certificate_login(self, frame: Register, conn: ConnHandle) -> None:
+        """Log in as the user the certificate names (checked): no password check (a password,
+        if sent, is ignored); the client id prefixes and the admin mark apply as for any
+        login."""
         if self._client_id_refused(frame, conn):
             return
         self.auth_ok += 1
         self.certificate_logins += 1
-        admin = self._users.is_admin(name)
+        admin = self._users.is_admin(frame.username)
         tell(self._sessions, OpenSession(frame, conn, authenticated=True, admin=admin))
 
     def _refuse_auth(self, frame: Register, conn: ConnHandle, reason: str, message: str) -> None:

@@ -337,6 +337,26 @@ def test_cert_login_refusals(
     assert broker.stats()["auth_failed"] == 1 and _password_checks(broker) == 0
 
 
+def test_a_resume_needs_the_certificates_user_too(
+    start_broker: Start, pki: Pki, dial: Callable[..., WireClient]
+) -> None:
+    # bob logs in by password on the plaintext port; a stolen resume token is no use to the
+    # holder of another user's certificate on the TLS port.
+    broker = start_broker(**_mtls(pki, tls_cert_username="cn", tls_port=0))
+    bob = dial(broker)
+    reg = registered(bob.register("bob-1", username="bob", password="hunter2"))
+    bob.close()
+    with _dial_tls(broker, pki, pki.alice) as thief:
+        thief.send(resume_frame(3, "bob-1", reg, username="bob"))
+        assert_error(thief.recv(), "auth_failed", 3)
+        # Its own user's resume goes on as ever (and alice's token is hers).
+        own = registered(thief.register("alice-1", username="alice", password=None))
+    with _dial_tls(broker, pki, pki.alice) as back:
+        back.send(resume_frame(4, "alice-1", own))
+        frame = back.recv()
+        assert isinstance(frame, Registered) and frame.resumed
+
+
 def test_mtls_without_cert_username_checks_the_password_too(start_broker: Start, pki: Pki) -> None:
     broker = start_broker(**_mtls(pki))
     with _dial_tls(broker, pki, pki.alice) as client:
