@@ -227,10 +227,11 @@ class FrontEnd:
         where = f"could not get a session from the broker at {o.host}:{o.port} within {limit:g} s"
         if isinstance(last, Rejected):
             return ConnectionFailed(f"{where}: {last}")
-        return ConnectionFailed(
-            f"{where} (last problem: {last or 'no answer'}): check that the broker runs there "
-            "and that this machine can reach it"
-        )
+        hint = "check that the broker runs there and that this machine can reach it"
+        if not o.uses_tls:
+            # A TLS listener closes a plaintext client's connection without a word.
+            hint += ", and that it does not serve TLS there (then give the CA: ca=, --tls-ca)"
+        return ConnectionFailed(f"{where} (last problem: {last or 'no answer'}): {hint}")
 
     def _connection_ended(self, error: BaseException | None) -> str:
         """A connection ended (`error`: what the socket said); returns the reason to pass to

@@ -32,6 +32,7 @@ from tether.client import (
     AuthFailed,
     Client,
     ClientMachine,
+    ConnectionFailed,
     MachineConfig,
     Message,
     Reconnected,
@@ -339,6 +340,17 @@ def test_a_tls_client_on_a_plaintext_port_is_told_so_at_once(
     with pytest.raises(TlsError) as caught:
         client.connect()
     assert caught.value.reason is TlsReason.NOT_TLS and "does not speak TLS" in str(caught.value)
+
+
+def test_a_plaintext_client_on_a_tls_port_is_pointed_at_tls(
+    start_broker: Start, certs: Certs
+) -> None:
+    # The TLS listener closes it without a word: the client's last word says where to look.
+    broker = tls_broker(start_broker, certs)
+    client = Client(**options(broker, "plain", connect_timeout=1.5))
+    with pytest.raises(ConnectionFailed) as caught:
+        client.connect()
+    assert "does not serve TLS there" in str(caught.value) and "--tls-ca" in str(caught.value)
 
 
 # --- logins by certificate ---------------------------------------------------------------------
