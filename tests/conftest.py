@@ -2,17 +2,16 @@ from __future__ import annotations
 
 import subprocess
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 import structlog
 
+from tests.helpers import broker_factory
 from tests.wire import WireClient
-from tether.broker.config import BrokerConfig
 from tether.broker.server import Broker
-from tether.broker.users import UserStore, add_user
+from tether.broker.users import add_user
 
 PASSWORDS = {"alice": "secret", "bob": "hunter2"}
 
@@ -54,38 +53,16 @@ def processes() -> Iterator[list[subprocess.Popen[Any]]]:
 
 @pytest.fixture
 def start_broker(users_file: Path) -> Iterator[Callable[..., Broker]]:
-    started: list[Broker] = []
-
-    def start(**overrides: Any) -> Broker:
-        # In memory unless a test asks for a data directory (then its own, under tmp_path):
-        # nothing is written to the working directory.
-        config = replace(BrokerConfig(port=0, users_path=users_file, data_dir=None), **overrides)
-        broker = Broker(config, users=UserStore.load(users_file))
-        broker.start()
-        started.append(broker)
-        return broker
-
-    yield start
-    for broker in started:
-        broker.stop()
+    with broker_factory(users_file) as start:
+        yield start
 
 
 @pytest.fixture
 def live(users_path: Path) -> Iterator[Callable[..., Broker]]:
     """Brokers that load their users from the test module's `users_path` fixture and watch
-    it, as `tether serve` does (a reload, SIGHUP's, is `broker.reload_users()`)."""
-    started: list[Broker] = []
-
-    def start(**overrides: Any) -> Broker:
-        config = replace(BrokerConfig(port=0, users_path=users_path, data_dir=None), **overrides)
-        broker = Broker(config)  # no `users=`: loaded from the file, and watched
-        broker.start()
-        started.append(broker)
-        return broker
-
-    yield start
-    for broker in started:
-        broker.stop()
+    it."""
+    with broker_factory(users_path, watched=True) as start:
+        yield start
 
 
 @pytest.fixture

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
 
 from tests.wire import WireClient, wait_for
+from tether.broker.config import BrokerConfig
 from tether.broker.server import Broker
+from tether.broker.users import UserStore
 from tether.protocol import (
     Ack,
     BrokerFrame,
@@ -84,3 +90,25 @@ def ack(client: WireClient, topic: str, seq: int) -> None:
     """Ack, and wait until the broker has handled it (answers come in order)."""
     client.send(Ack(topic=topic, seq=seq))
     assert client.sync() == []
+
+
+@contextlib.contextmanager
+def broker_factory(users_path: Path, *, watched: bool = False) -> Iterator[Callable[..., Broker]]:
+    """Start brokers on a free port, in memory unless a test asks for a data directory (then
+    its own, under tmp_path: nothing is written to the working directory), all stopped at the
+    end. `watched`: each loads `users_path` itself and watches it, as `tether serve` does (a
+    reload, SIGHUP's, is `broker.reload_users()`); else it gets the users as they are now."""
+    started: list[Broker] = []
+
+    def start(**overrides: Any) -> Broker:
+        config = replace(BrokerConfig(port=0, users_path=users_path, data_dir=None), **overrides)
+        broker = Broker(config) if watched else Broker(config, users=UserStore.load(users_path))
+        broker.start()
+        started.append(broker)
+        return broker
+
+    try:
+        yield start
+    finally:
+        for broker in started:
+            broker.stop()

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
 import msgpack
 import pytest
 
-from tests.helpers import assert_error, registered, resume_frame, subscribe
+from tests.helpers import assert_error, broker_factory, registered, resume_frame, subscribe
 from tests.wire import WireClient, wait_for
 from tether.broker.config import BrokerConfig
 from tether.broker.messages import (
@@ -46,18 +45,8 @@ def fleet_users(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def fleet_broker(fleet_users: Path) -> Iterator[Callable[..., Broker]]:
-    started: list[Broker] = []
-
-    def start(**overrides: Any) -> Broker:
-        config = replace(BrokerConfig(port=0, users_path=fleet_users, data_dir=None), **overrides)
-        broker = Broker(config, users=UserStore.load(fleet_users))
-        broker.start()
-        started.append(broker)
-        return broker
-
-    yield start
-    for broker in started:
-        broker.stop()
+    with broker_factory(fleet_users) as start:
+        yield start
 
 
 @pytest.fixture
