@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from bench.harness import Server, broker_process, relay_process
+from bench.harness import RawClient, Server, broker_process, raise_nofile, relay_process
 from bench.report import FAIL, Console, Row, ScenarioResult, verdict
 from bench.scenarios import (
     DURABLE,
@@ -193,6 +193,25 @@ def _connection_cpu(tls: bool, count: int) -> float:
         return (server.cpu() - cpu0) / count * 1e3
 
 
+def _session_rss(tls: bool, count: int) -> float:
+    """The broker's RSS per session held open (registered, idle), in KiB: `count` sessions
+    registered one after another from this process and kept while RSS is read."""
+    raise_nofile()
+    with broker_process(tls=tls, in_memory=True) as server:
+        before = server.rss_kib()
+        clients = []
+        try:
+            for n in range(count):
+                client = RawClient(server.address, tls=server.tls)
+                clients.append(client)
+                client.register(f"held-{n}")
+            time.sleep(0.5)  # the last registrations' work done
+            return (server.rss_kib() - before) / count
+        finally:
+            for client in clients:
+                client.close()
+
+
 def tls_cost(
     sizes: Sizes,
     console: Console,
@@ -233,6 +252,21 @@ def tls_cost(
         "connections": connections,
         "plaintext": round(plain_ms, 3),
         "tls": round(tls_ms, 3),
+    }
+    held = 50 if small else 1000
+    plain_kib, tls_kib = _session_rss(False, held), _session_rss(True, held)
+    res.rows.append(
+        Row(
+            "tls-cost",
+            f"broker RSS per session held open, plaintext / TLS ({held:,} idle sessions)",
+            f"{plain_kib:.1f} / {tls_kib:.1f} KiB",
+            vs_plain=_share(tls_kib, plain_kib),
+        )
+    )
+    res.figures["session_rss_kib"] = {
+        "sessions": held,
+        "plaintext": round(plain_kib, 1),
+        "tls": round(tls_kib, 1),
     }
     runs = (("throughput", "1,000 a batch", flows), ("latency", "10 a batch", paced))
     for kind, batch, figures in runs:

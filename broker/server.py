@@ -41,6 +41,7 @@ from tether.broker.tls import (
     broker_context,
     certificate_summary,
     http_context,
+    limit_ssl_read_buffers,
 )
 from tether.broker.users import UserStore
 from tether.broker.userwatch import UserWatcher
@@ -117,6 +118,7 @@ class Broker:
 
     def _load_tls(self) -> None:
         config = self.config
+        limit_ssl_read_buffers()
         try:
             self._tls_context = broker_context(config)
             if config.http is not None:

@@ -127,6 +127,8 @@ def test_scripts_bench_tls_end_to_end(
     assert sum(1 for row in flows["rows"] if row["vs_plain"]) == len(SERVERS)
     assert cost["figures"]["micro"]["version"] in ("TLSv1.2", "TLSv1.3")
     assert cost["figures"]["connection_cpu_ms"]["tls"] > 0
+    held = cost["figures"]["session_rss_kib"]
+    assert held["sessions"] > 0 and held["plaintext"] is not None and held["tls"] is not None
 
 
 def test_tls_refuses_scenarios_it_does_not_run() -> None:

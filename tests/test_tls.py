@@ -31,8 +31,8 @@ from tests.wire import WireClient, wait_for
 from tether.broker.config import BrokerConfig
 from tether.broker.messages import GetMetrics
 from tether.broker.server import Broker, StartupError
-from tether.broker.tls import PeerCertificate, broker_context, http_context
-from tether.protocol import Deliver, Ok, Publish, Registered, Subscribe
+from tether.broker.tls import SSL_READ_SIZE, PeerCertificate, broker_context, http_context
+from tether.protocol import Deliver, Ok, Publish, Registered, Subscribe, encode
 
 Start = Callable[..., Broker]
 
@@ -152,6 +152,25 @@ def test_tls_register_publish_and_receive(start_broker: Start, pki: Pki) -> None
             client.send(Publish(topic="news", payload=b"hello"))
             frame = other.recv()
             assert isinstance(frame, Deliver) and frame.payload == b"hello"
+
+
+def test_frames_larger_than_the_ssl_read_size_cross_whole(start_broker: Start, pki: Pki) -> None:
+    # The broker reads TLS SSL_READ_SIZE at a time (broker/tls.py, for memory): a frame many
+    # times that size, and many frames in one write, still arrive whole and in order.
+    broker = start_broker(**_tls(pki))
+    big = bytes(range(256)) * 4000  # ~1 MB, 30 reads' worth
+    assert len(big) > 20 * SSL_READ_SIZE
+    with _dial_tls(broker, pki) as client:
+        registered(client.register("big-1"))
+        client.send(Subscribe(req=1, topic="big"))
+        assert client.recv() == Ok(req=1)
+        client.send(Publish(req=2, topic="big", payload=big))
+        small = [Publish(topic="big", payload=b"%d" % n) for n in range(2000)]
+        client.sock.sendall(b"".join(encode(frame) for frame in small))
+        frames = client.recv_many(2 + len(small), timeout=30)
+    delivered = [f.payload for f in frames if isinstance(f, Deliver)]
+    assert Ok(req=2) in frames
+    assert delivered == [big, *(b"%d" % n for n in range(2000))]
 
 
 def test_server_contexts_demand_tls_1_2_and_the_client_ca(pki: Pki) -> None:
