@@ -245,37 +245,25 @@ class BrokerSupervisor(LoopActor):
     def _certificate_refused(
         self, frame: Register, conn: ConnHandle, certificate: PeerCertificate, mode: str
     ) -> bool:
-        """Refuse (`auth_failed`, logged and counted) a register whose username is not the
-        user the certificate names."""
+        """Refuse (`auth_failed`, as any refusal without a check) a register whose username is
+        not the user the certificate names."""
         name = certificate.username(mode)
-        if name is None or name != frame.username or name not in self._users:
-            reason = (
-                "certificate_without_name"
-                if name is None
-                else "certificate_name_mismatch"
-                if name != frame.username
-                else "certificate_unknown_user"
-            )
-            _log.info(
-                "auth_failed",
-                peer=conn.peer,
-                client_id=frame.client_id,
-                username=frame.username,
-                certificate_name=name,
-                reason=reason,
-            )
-            self.auth_failed += 1
-            self.refused_auth_failed += 1
-            tell(
-                conn.ref,
-                RegisterRejected(
-                    frame.req,
-                    ErrorCode.AUTH_FAILED,
-                    "the username is not the client certificate's, or not a user",
-                ),
-            )
-            return True
-        return False
+        if name is None:
+            reason = "certificate_without_name"
+        elif name != frame.username:
+            reason = "certificate_name_mismatch"
+        elif name not in self._users:
+            reason = "certificate_unknown_user"
+        else:
+            return False
+        self._refuse_auth(
+            frame,
+            conn,
+            reason,
+            "the username is not the client certificate's, or not a user",
+            certificate_name=name,
+        )
+        return True
 
     def _certificate_login(self, frame: Register, conn: ConnHandle) -> None:
         """Log in as the user the certificate names (checked): no password check (a password,
@@ -288,7 +276,9 @@ class BrokerSupervisor(LoopActor):
         admin = self._users.is_admin(frame.username)
         tell(self._sessions, OpenSession(frame, conn, authenticated=True, admin=admin))
 
-    def _refuse_auth(self, frame: Register, conn: ConnHandle, reason: str, message: str) -> None:
+    def _refuse_auth(
+        self, frame: Register, conn: ConnHandle, reason: str, message: str, **fields: Any
+    ) -> None:
         """`auth_failed` without a check (a peer may repeat it at will: logged quietly)."""
         self.auth_failed += 1
         self.refused_auth_failed += 1
@@ -298,6 +288,7 @@ class BrokerSupervisor(LoopActor):
             client_id=frame.client_id,
             username=frame.username,
             reason=reason,
+            **fields,
         )
         tell(conn.ref, RegisterRejected(frame.req, ErrorCode.AUTH_FAILED, message))
 
