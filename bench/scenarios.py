@@ -260,21 +260,23 @@ def _flow(
     )
 
 
+def _one_to_one_shape(sizes: Sizes) -> dict[str, int]:
+    """The throughput scenario's flow: 1 -> 1, acks, batches of 1,000."""
+    return {
+        "subs": 1,
+        "sub_procs": 1,
+        "pubs": 1,
+        "pub_procs": 1,
+        "each": sizes.throughput,
+        "batch": 1000,
+        "payload": sizes.payload,
+    }
+
+
 def one_to_one(server: Server, console: Console, label: str, sizes: Sizes) -> FlowRun:
-    """The throughput scenario's flow against `server`: 1 -> 1, acks, batches of 1,000 (what
-    the http, permissions and TLS comparisons run on each side)."""
-    return _flow(
-        server,
-        console,
-        label,
-        subs=1,
-        sub_procs=1,
-        pubs=1,
-        pub_procs=1,
-        each=sizes.throughput,
-        batch=1000,
-        payload=sizes.payload,
-    )
+    """The throughput scenario's flow against `server` (what the http, permissions and TLS
+    comparisons run on each side)."""
+    return _flow(server, console, label, **_one_to_one_shape(sizes))
 
 
 def _times(a: float, b: float) -> str:
@@ -377,13 +379,7 @@ def throughput(sizes: Sizes, console: Console) -> ScenarioResult:
         T_THROUGHPUT,
         T_MEMORY_RATIO,
         T_RELAY_RATIO,
-        subs=1,
-        sub_procs=1,
-        pubs=1,
-        pub_procs=1,
-        each=sizes.throughput,
-        batch=1000,
-        payload=sizes.payload,
+        **_one_to_one_shape(sizes),
     )
 
 

@@ -4,15 +4,14 @@ tests/test_admin_cli.py.)"""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import broker_factory
 from tests.wire import WireClient
-from tether.broker.config import BrokerConfig
 from tether.broker.server import Broker
-from tether.broker.users import UserStore, add_user
+from tether.broker.users import add_user
 from tether.protocol import Error, Ok, Publish, Registered, Stats, StatsResult, Subscribe
 
 ROOT, ROOT_PASSWORD = "root", "rootpw"
@@ -28,26 +27,13 @@ def admin_users(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def admin_broker(admin_users: Path) -> Iterator[Broker]:
-    config = BrokerConfig(port=0, users_path=admin_users, data_dir=None)
-    broker = Broker(replace(config), users=UserStore.load(admin_users))
-    broker.start()
-    yield broker
-    broker.stop()
+    with broker_factory(admin_users) as start:
+        yield start()
 
 
 @pytest.fixture
-def dial_admin(admin_broker: Broker) -> Iterator[Callable[[], WireClient]]:
-    made: list[WireClient] = []
-
-    def make() -> WireClient:
-        assert admin_broker.address is not None
-        client = WireClient(admin_broker.address)
-        made.append(client)
-        return client
-
-    yield make
-    for client in made:
-        client.close()
+def dial_admin(admin_broker: Broker, dial: Callable[..., WireClient]) -> Callable[[], WireClient]:
+    return lambda: dial(admin_broker, timeout=5.0)  # WireClient's own default
 
 
 def test_stats_frame_answers_counters(dial_admin: Callable[[], WireClient]) -> None:
