@@ -91,12 +91,6 @@ class AsyncClient(FrontEnd):
 
     def __init__(self, options: ClientOptions | None = None, /, **overrides: Any) -> None:
         super().__init__(options, **overrides)
-        try:
-            self._ssl = self.options.ssl_context()  # bad files fail here, before any dialling
-            self._tls_peer = self.options.tls_peer()
-        except BaseException:
-            self._release_state_file()
-            raise
         self._waiters: dict[int, asyncio.Future[dict[str, Any] | None]] = {}
         self._router: Router[AsyncSubscription] = Router()
         self._inbox: asyncio.Queue[Item[AsyncSubscription] | Stop] = asyncio.Queue()

@@ -145,6 +145,8 @@ class FrontEnd:
             if options.state_file is not None:
                 state = load_state(options.state_file, options.client_id)
             self._machine = ClientMachine(options.machine_config(), state)
+            self._ssl = options.ssl_context()  # bad files fail here, before any dialling
+            self._tls_peer = options.tls_peer()
         except BaseException:
             self._release_state_file()
             raise

@@ -111,12 +111,6 @@ class Client(FrontEnd):
 
     def __init__(self, options: ClientOptions | None = None, /, **overrides: Any) -> None:
         super().__init__(options, **overrides)
-        try:
-            self._ssl = self.options.ssl_context()  # bad files fail here, before any dialling
-            self._tls_peer = self.options.tls_peer()
-        except BaseException:
-            self._release_state_file()
-            raise
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._state_lock = threading.Lock()
