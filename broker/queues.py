@@ -271,11 +271,7 @@ class SubscriptionQueue:
             if self.dropped_seqs is not None:
                 self.dropped_seqs.append(oldest[0])
         if dropped:
-            self.dropped_total += dropped
-            if connected:
-                self.dropped_live += dropped
-            else:
-                self.dropped_away += dropped
+            self._count_dropped(dropped, connected)
         return dropped
 
     def _drop_disk_oldest(self) -> None:
@@ -375,13 +371,16 @@ class SubscriptionQueue:
             if seqs is not None:
                 seqs.append(seq)
         if dropped:
-            self.dropped_total += dropped
-            if connected:
-                self.dropped_live += dropped
-            else:
-                self.dropped_away += dropped
+            self._count_dropped(dropped, connected)
             self.sync()
         return dropped
+
+    def _count_dropped(self, dropped: int, connected: bool) -> None:
+        self.dropped_total += dropped
+        if connected:
+            self.dropped_live += dropped
+        else:
+            self.dropped_away += dropped
 
     def is_full_for(self, size: int) -> bool:
         """Would queueing a message of `size` bytes push out an older one?"""
